@@ -1,0 +1,228 @@
+"""The closed set of reasons a connection test can end with, and what each one means.
+
+This is the one place where a reason is *defined*: its condition (the step that failed), whether it is
+transient (retry with backoff) or needs a change from a human (wait), and the one-sentence remedy that
+goes into Events, conditions and the README's troubleshooting table. Where a reason is *decided* from a
+vendor error lives next to the vendor: ``clients/identity.py`` (MSAL, Entra ID) and ``clients/smtp.py``
+(aiosmtplib, Exchange Online).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = [
+    "CheckFailed",
+    "ConditionType",
+    "Reason",
+    "ReasonInfo",
+    "info",
+]
+
+
+class ConditionType(enum.StrEnum):
+    """Condition types written to ``status.conditions``."""
+
+    READY = "Ready"
+    SECRET_RESOLVED = "SecretResolved"
+    TOKEN_ACQUIRED = "TokenAcquired"
+    SMTP_AUTHENTICATED = "SmtpAuthenticated"
+    CREDENTIAL_EXPIRING = "CredentialExpiring"
+    SECRET_PROTECTED = "SecretProtected"
+
+
+class Reason(enum.StrEnum):
+    """Reasons of the connection test (the contract of the Ready condition)."""
+
+    # success
+    CONNECTION_TESTED = "ConnectionTested"
+    # resolving references
+    SECRET_NOT_FOUND = "SecretNotFound"
+    SECRET_KEY_NOT_FOUND = "SecretKeyNotFound"
+    CA_BUNDLE_NOT_FOUND = "CaBundleNotFound"
+    INVALID_SPEC = "InvalidSpec"
+    # identity provider
+    TENANT_NOT_FOUND = "TenantNotFound"
+    APPLICATION_NOT_FOUND = "ApplicationNotFound"
+    INVALID_CLIENT_SECRET = "InvalidClientSecret"
+    CLIENT_SECRET_EXPIRED = "ClientSecretExpired"
+    INVALID_SCOPE = "InvalidScope"
+    THROTTLED = "Throttled"
+    IDENTITY_PROVIDER_UNAVAILABLE = "IdentityProviderUnavailable"
+    IDENTITY_PROVIDER_UNREACHABLE = "IdentityProviderUnreachable"
+    # either endpoint
+    TLS_VERIFICATION_FAILED = "TLSVerificationFailed"
+    # SMTP server
+    SMTP_CONNECTION_TIMEOUT = "SmtpConnectionTimeout"
+    SMTP_CONNECTION_REFUSED = "SmtpConnectionRefused"
+    STARTTLS_NOT_OFFERED = "StartTLSNotOffered"
+    XOAUTH2_NOT_OFFERED = "XOAuth2NotOffered"
+    AUTHENTICATION_REJECTED = "AuthenticationRejected"
+    SMTP_AUTH_DISABLED = "SmtpAuthDisabled"
+    SEND_REJECTED = "SendRejected"
+    UNEXPECTED_RESPONSE = "UnexpectedResponse"
+    # secret policy (see domain/protection.py)
+    SECRET_NOT_PROTECTED = "SecretNotProtected"
+
+
+@dataclass(frozen=True, slots=True)
+class ReasonInfo:
+    """What the operator and the user need to know about one reason."""
+
+    condition: ConditionType
+    transient: bool
+    remedy: str
+
+
+_S = ConditionType.SECRET_RESOLVED
+_T = ConditionType.TOKEN_ACQUIRED
+_M = ConditionType.SMTP_AUTHENTICATED
+
+_INFO: dict[Reason, ReasonInfo] = {
+    Reason.CONNECTION_TESTED: ReasonInfo(
+        ConditionType.READY, transient=False, remedy="Nothing to do: the configuration works."
+    ),
+    Reason.SECRET_NOT_FOUND: ReasonInfo(
+        _S,
+        transient=False,
+        remedy="Create the Secret (or the SealedSecret that unseals into it) in the same namespace.",
+    ),
+    Reason.SECRET_KEY_NOT_FOUND: ReasonInfo(
+        _S, transient=False, remedy="Add the key to the Secret or fix the key name in the reference."
+    ),
+    Reason.CA_BUNDLE_NOT_FOUND: ReasonInfo(
+        _S,
+        transient=False,
+        remedy="Create the referenced ConfigMap or Secret key holding PEM certificates, or fix the "
+        "reference.",
+    ),
+    Reason.INVALID_SPEC: ReasonInfo(_S, transient=False, remedy="Fix the spec field named in the message."),
+    Reason.TENANT_NOT_FOUND: ReasonInfo(
+        _T,
+        transient=False,
+        remedy="Check spec.identity.tenantId (directory ID or verified domain) and spec.identity.cloud.",
+    ),
+    Reason.APPLICATION_NOT_FOUND: ReasonInfo(
+        _T,
+        transient=False,
+        remedy="Check spec.identity.clientId: it must be the Application (client) ID of an app "
+        "registered in this tenant.",
+    ),
+    Reason.INVALID_CLIENT_SECRET: ReasonInfo(
+        _T,
+        transient=False,
+        remedy="Put the client secret's Value (not its Secret ID) from Entra ID into the Secret.",
+    ),
+    Reason.CLIENT_SECRET_EXPIRED: ReasonInfo(
+        _T,
+        transient=False,
+        remedy="Create a new client secret in Entra ID, update the Secret and "
+        "spec.identity.clientSecret.expiresAt.",
+    ),
+    Reason.INVALID_SCOPE: ReasonInfo(
+        _T,
+        transient=False,
+        remedy="Use the scope https://outlook.office365.com/.default (or your cloud's equivalent) and "
+        "make sure Exchange Online exists in the tenant.",
+    ),
+    Reason.THROTTLED: ReasonInfo(
+        _T, transient=True, remedy="Wait: the operator retries after the delay Entra ID asked for."
+    ),
+    Reason.IDENTITY_PROVIDER_UNAVAILABLE: ReasonInfo(
+        _T, transient=True, remedy="Wait: the identity provider failed; the operator retries."
+    ),
+    Reason.IDENTITY_PROVIDER_UNREACHABLE: ReasonInfo(
+        _T,
+        transient=True,
+        remedy="Allow egress to the token endpoint on port 443, or set spec.proxy.url to your HTTP proxy.",
+    ),
+    Reason.TLS_VERIFICATION_FAILED: ReasonInfo(
+        _T,
+        transient=False,
+        remedy="Add the issuing CA (e.g. your TLS-inspecting proxy's) as a caBundle for that endpoint.",
+    ),
+    Reason.SMTP_CONNECTION_TIMEOUT: ReasonInfo(
+        _M,
+        transient=True,
+        remedy="Allow egress to the SMTP host and port (587 is often blocked), or set spec.proxy.url.",
+    ),
+    Reason.SMTP_CONNECTION_REFUSED: ReasonInfo(
+        _M, transient=True, remedy="Check spec.smtp.host and spec.smtp.port and the network path."
+    ),
+    Reason.STARTTLS_NOT_OFFERED: ReasonInfo(
+        _M,
+        transient=False,
+        remedy="Point spec.smtp at a server that offers STARTTLS (smtp.office365.com:587) or use "
+        "tls: ImplicitTLS on port 465.",
+    ),
+    Reason.XOAUTH2_NOT_OFFERED: ReasonInfo(
+        _M,
+        transient=False,
+        remedy="The server does not accept OAuth: use smtp.office365.com or your cloud's SMTP host.",
+    ),
+    Reason.AUTHENTICATION_REJECTED: ReasonInfo(
+        _M,
+        transient=False,
+        remedy="Grant SMTP.SendAsApp with admin consent, register the service principal "
+        "(New-ServicePrincipal) and give it FullAccess on the mailbox (Add-MailboxPermission).",
+    ),
+    Reason.SMTP_AUTH_DISABLED: ReasonInfo(
+        _M,
+        transient=False,
+        remedy="Enable SMTP AUTH for the mailbox (Set-CASMailbox -SmtpClientAuthenticationDisabled "
+        "$false) or the tenant (Set-TransportConfig).",
+    ),
+    Reason.SEND_REJECTED: ReasonInfo(
+        _M,
+        transient=False,
+        remedy="Send as the authenticated mailbox, or grant it SendAs on the sender address.",
+    ),
+    Reason.UNEXPECTED_RESPONSE: ReasonInfo(
+        _M,
+        transient=True,
+        remedy="Check that spec.smtp points at an Exchange Online SMTP endpoint; the reply is quoted.",
+    ),
+    Reason.SECRET_NOT_PROTECTED: ReasonInfo(
+        ConditionType.SECRET_PROTECTED,
+        transient=False,
+        remedy="Unseal the Secret from a SealedSecret labelled velero.io/exclude-from-backup=true.",
+    ),
+}
+
+
+def info(reason: Reason) -> ReasonInfo:
+    """Return what is known about ``reason``."""
+    return _INFO[reason]
+
+
+class CheckFailed(Exception):
+    """A step of the connection test failed for a classified reason.
+
+    ``message`` is one sentence safe to show anywhere: callers never put secret or token values in it
+    (the clients scrub the replies they quote). ``retry_after`` is the delay the peer asked for, if any.
+    ``condition`` overrides the reason's default step where a reason can happen at either endpoint
+    (``TLSVerificationFailed``).
+    """
+
+    def __init__(
+        self,
+        reason: Reason,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        condition: ConditionType | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retry_after = retry_after
+        self.condition = condition or info(reason).condition
+
+    @property
+    def transient(self) -> bool:
+        return info(self.reason).transient
+
+    @property
+    def remedy(self) -> str:
+        return info(self.reason).remedy

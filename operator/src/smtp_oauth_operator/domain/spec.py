@@ -1,0 +1,306 @@
+"""The SmtpOAuthConfig spec as typed values, parsed from the resource body.
+
+The API server already enforces the CRD's schema and CEL rules; this parser exists because the `check`
+CLI reads manifests that no API server has validated, and because an operator must survive objects
+written before a schema tightened. It raises :class:`SpecError` with the field path, never a KeyError.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+__all__ = [
+    "CLOUDS",
+    "DEFAULT_WARN_BEFORE_DAYS",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "RECHECK_ANNOTATION",
+    "VERSION",
+    "Cloud",
+    "KeyRef",
+    "SmtpOAuthSpec",
+    "SpecError",
+    "parse_duration",
+    "parse_spec",
+    "parse_time",
+]
+
+GROUP = "smtpoauth.dev"
+VERSION = "v1alpha1"
+PLURAL = "smtpoauthconfigs"
+KIND = "SmtpOAuthConfig"
+RECHECK_ANNOTATION = f"{GROUP}/recheck"
+DEFAULT_WARN_BEFORE_DAYS: tuple[int, ...] = (30, 14, 7, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Cloud:
+    authority_host: str
+    scope: str
+    smtp_host: str
+
+
+# Sovereign-cloud endpoints are community-sourced (protocol-facts.md §7): every one can be overridden.
+CLOUDS: dict[str, Cloud] = {
+    "AzurePublic": Cloud(
+        "https://login.microsoftonline.com",
+        "https://outlook.office365.com/.default",
+        "smtp.office365.com",
+    ),
+    "AzureUSGovernment": Cloud(
+        "https://login.microsoftonline.us",
+        "https://outlook.office365.us/.default",
+        "smtp.office365.us",
+    ),
+    "AzureChina": Cloud(
+        "https://login.partner.microsoftonline.cn",
+        "https://partner.outlook.cn/.default",
+        "smtp.partner.outlook.cn",
+    ),
+}
+
+
+class SpecError(ValueError):
+    """The spec cannot be used; ``field`` is the JSON path of the offending field."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"spec.{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRef:
+    """A key in a Secret or ConfigMap of the resource's namespace."""
+
+    kind: Literal["Secret", "ConfigMap"]
+    name: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name!r} key {self.key!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpOAuthSpec:
+    username: str
+    smtp_host: str
+    smtp_port: int
+    implicit_tls: bool
+    connection_timeout: float
+    smtp_ca: KeyRef | None
+    tenant_id: str
+    client_id: str
+    cloud: str
+    authority_host: str
+    scope: str
+    identity_timeout: float
+    identity_ca: KeyRef | None
+    secret_ref: KeyRef
+    expires_at: datetime | None
+    expires_at_key: str | None
+    proxy_url: str | None
+    test_message_to: str | None
+    recheck_interval: timedelta
+    warn_before_days: tuple[int, ...] = DEFAULT_WARN_BEFORE_DAYS
+    notify_to: tuple[str, ...] = ()
+    secret_policy: Literal["Warn", "Require", "Ignore"] = "Warn"
+
+    @property
+    def authority(self) -> str:
+        return f"{self.authority_host.rstrip('/')}/{self.tenant_id}"
+
+    @property
+    def token_endpoint(self) -> str:
+        """The endpoint Entra ID serves for this tenant (ISE's auto-populated field)."""
+        return f"{self.authority}/oauth2/v2.0/token"
+
+
+_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z]{2,63}$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse a Go-style duration limited to hours, minutes and seconds (``1h30m``, ``90s``)."""
+    match = _DURATION.match(text.strip()) if text else None
+    if not match or not any(match.groups()):
+        raise ValueError(f"{text!r} is not a duration like 1h, 30m or 1h30m")
+    hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    return timedelta(hours=hours, minutes=minutes, seconds=seconds)
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an RFC 3339 timestamp (``2027-05-31T00:00:00Z``) or a bare date into an aware UTC time."""
+    value = text.strip()
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        value += "T00:00:00+00:00"
+    value = value.replace("z", "Z")
+    if value.endswith("Z"):
+        value = value[:-1] + "+00:00"
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        raise ValueError(f"{text!r} has no time zone (use Z for UTC)")
+    return parsed.astimezone(UTC)
+
+
+class _Reader:
+    """Typed access to a nested mapping that reports the JSON path of a bad field."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise SpecError(path, "must be an object")
+        self.data = data
+        self.path = path
+
+    def _p(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def sub(self, key: str) -> _Reader:
+        return _Reader(self.data.get(key), self._p(key))
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def text(self, key: str, default: str | None = None) -> str:
+        value = self.data.get(key, default)
+        if value is None:
+            raise SpecError(self._p(key), "is required")
+        if not isinstance(value, str) or not value.strip():
+            raise SpecError(self._p(key), "must be a non-empty string")
+        return value.strip()
+
+    def opt_text(self, key: str) -> str | None:
+        return self.text(key) if self.has(key) else None
+
+    def int(self, key: str, default: int, lo: int, hi: int) -> int:
+        value = self.data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(self._p(key), "must be an integer")
+        if not lo <= value <= hi:
+            raise SpecError(self._p(key), f"must be between {lo} and {hi}")
+        return value
+
+    def enum(self, key: str, default: str, allowed: Sequence[str]) -> str:
+        value = self.text(key, default)
+        if value not in allowed:
+            raise SpecError(self._p(key), f"must be one of {', '.join(allowed)}")
+        return value
+
+    def key_ref(self, key: str) -> KeyRef | None:
+        if not self.has(key):
+            return None
+        ref = self.sub(key)
+        kinds = [k for k in ("secretKeyRef", "configMapKeyRef") if ref.has(k)]
+        if len(kinds) != 1:
+            raise SpecError(ref.path, "needs exactly one of secretKeyRef or configMapKeyRef")
+        inner = ref.sub(kinds[0])
+        kind: Literal["Secret", "ConfigMap"] = "Secret" if kinds[0] == "secretKeyRef" else "ConfigMap"
+        return KeyRef(kind, inner.text("name"), inner.text("key"))
+
+
+def _https_url(value: str, path: str) -> str:
+    if not re.fullmatch(r"https://[^\s/]+(/[^\s]*)?", value):
+        raise SpecError(path, "must be an https:// URL")
+    return value.rstrip("/")
+
+
+def parse_spec(spec: Any) -> SmtpOAuthSpec:
+    """Turn ``body['spec']`` into an :class:`SmtpOAuthSpec`, applying the CRD's defaults."""
+    r = _Reader(spec, "")
+    username = r.text("username")
+    if not _EMAIL.match(username):
+        raise SpecError("username", "must be a mailbox address like no-reply@contoso.com")
+
+    smtp = r.sub("smtp")
+    tls = smtp.enum("tls", "StartTLS", ("StartTLS", "ImplicitTLS"))
+
+    ident = r.sub("identity")
+    cloud_name = ident.enum("cloud", "AzurePublic", tuple(CLOUDS))
+    cloud = CLOUDS[cloud_name]
+    tenant_id = ident.text("tenantId")
+    if not (_GUID.match(tenant_id) or _DOMAIN.match(tenant_id)):
+        raise SpecError("identity.tenantId", "must be a directory (tenant) GUID or a verified domain")
+    client_id = ident.text("clientId")
+    if not _GUID.match(client_id):
+        raise SpecError("identity.clientId", "must be the application (client) ID, a GUID")
+    authority_host = _https_url(ident.text("authorityHost", cloud.authority_host), "identity.authorityHost")
+    scope = ident.text("scope", cloud.scope)
+
+    secret = ident.sub("clientSecret")
+    secret_ref_r = secret.sub("secretKeyRef")
+    secret_ref = KeyRef("Secret", secret_ref_r.text("name"), secret_ref_r.text("key"))
+    expires_at: datetime | None = None
+    if secret.has("expiresAt"):
+        raw = secret.data["expiresAt"]
+        try:
+            expires_at = raw if isinstance(raw, datetime) else parse_time(str(raw))
+        except ValueError as exc:
+            raise SpecError("identity.clientSecret.expiresAt", str(exc)) from None
+        if expires_at.tzinfo is None:
+            expires_at = expires_at.replace(tzinfo=UTC)
+    expires_at_key = secret.opt_text("expiresAtKey")
+    if expires_at is not None and expires_at_key is not None:
+        raise SpecError("identity.clientSecret", "set expiresAt or expiresAtKey, not both")
+
+    proxy_url = r.sub("proxy").opt_text("url")
+    if proxy_url is not None and not re.fullmatch(r"https?://[^\s/]+/?", proxy_url):
+        raise SpecError("proxy.url", "must be http://host:port or https://host:port")
+
+    test_to = r.sub("testMessage").opt_text("to")
+    if test_to is not None and not _EMAIL.match(test_to):
+        raise SpecError("testMessage.to", "must be a mail address")
+
+    try:
+        recheck = parse_duration(r.text("recheckInterval", "1h"))
+    except ValueError as exc:
+        raise SpecError("recheckInterval", str(exc)) from None
+    if recheck < timedelta(minutes=1):
+        raise SpecError("recheckInterval", "must be at least 1m")
+
+    alarms = r.sub("alarms")
+    warn_raw = alarms.data.get("warnBeforeDays", list(DEFAULT_WARN_BEFORE_DAYS))
+    if not isinstance(warn_raw, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 3650 for d in warn_raw
+    ):
+        raise SpecError("alarms.warnBeforeDays", "must be a list of whole days between 1 and 3650")
+    notify_raw = alarms.sub("notify").data.get("to", [])
+    if not isinstance(notify_raw, list) or not all(
+        isinstance(a, str) and _EMAIL.match(a) for a in notify_raw
+    ):
+        raise SpecError("alarms.notify.to", "must be a list of mail addresses")
+
+    policy = r.enum("secretPolicy", "Warn", ("Warn", "Require", "Ignore"))
+
+    return SmtpOAuthSpec(
+        username=username,
+        smtp_host=smtp.text("host", cloud.smtp_host),
+        smtp_port=smtp.int("port", 465 if tls == "ImplicitTLS" else 587, 1, 65535),
+        implicit_tls=tls == "ImplicitTLS",
+        connection_timeout=float(smtp.int("connectionTimeoutSeconds", 60, 1, 300)),
+        smtp_ca=smtp.key_ref("caBundle"),
+        tenant_id=tenant_id,
+        client_id=client_id,
+        cloud=cloud_name,
+        authority_host=authority_host,
+        scope=scope,
+        identity_timeout=float(ident.int("timeoutSeconds", 30, 1, 300)),
+        identity_ca=ident.key_ref("caBundle"),
+        secret_ref=secret_ref,
+        expires_at=expires_at,
+        expires_at_key=expires_at_key,
+        proxy_url=proxy_url.rstrip("/") if proxy_url else None,
+        test_message_to=test_to,
+        recheck_interval=recheck,
+        warn_before_days=tuple(sorted(set(warn_raw), reverse=True)),
+        notify_to=tuple(notify_raw),
+        secret_policy=policy,  # type: ignore[arg-type]  # enum() checked it
+    )
