@@ -1,0 +1,39 @@
+"""Shared fixtures for the e2e tests: a real etcd + kube-apiserver on loopback.
+
+Fixtures:
+- ``k8s_bin_dir`` (session): the bin dir with etcd, kube-apiserver, kubectl and helm
+  (``$SMTPOAUTH_K8S_BIN_DIR``, or built/reused by ``hack/k8s-tools.sh``).
+- ``control_plane`` (session): a started :class:`e2e.controlplane.ControlPlane`; stopped at
+  the end of the session (its work dir with logs is kept if a test failed).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(_REPO_ROOT) not in sys.path:  # plain `python3 -m pytest e2e/...` without the pyproject config
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from e2e.controlplane import ControlPlane, ensure_tools  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def k8s_bin_dir() -> Path:
+    return ensure_tools()
+
+
+@pytest.fixture(scope="session")
+def control_plane(k8s_bin_dir: Path, request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
+    cp = ControlPlane(k8s_bin_dir)
+    cp.start()
+    try:
+        yield cp
+    finally:
+        if request.session.testsfailed:
+            cp.keep_workdir = True  # keep the logs for a look
+        cp.stop()
