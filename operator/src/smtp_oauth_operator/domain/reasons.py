@@ -35,8 +35,12 @@ class ConditionType(enum.StrEnum):
 class Reason(enum.StrEnum):
     """Reasons of the connection test (the contract of the Ready condition)."""
 
-    # success
+    # success, and the per-step reasons of the sub-conditions
     CONNECTION_TESTED = "ConnectionTested"
+    RESOLVED = "Resolved"
+    TOKEN_ISSUED = "TokenIssued"
+    AUTHENTICATED = "Authenticated"
+    NOT_TESTED = "NotTested"
     # resolving references
     SECRET_NOT_FOUND = "SecretNotFound"
     SECRET_KEY_NOT_FOUND = "SecretKeyNotFound"
@@ -62,7 +66,16 @@ class Reason(enum.StrEnum):
     SMTP_AUTH_DISABLED = "SmtpAuthDisabled"
     SEND_REJECTED = "SendRejected"
     UNEXPECTED_RESPONSE = "UnexpectedResponse"
-    # secret policy (see domain/protection.py)
+    # client secret expiry (domain/expiry.py)
+    NOT_EXPIRING = "NotExpiring"
+    EXPIRING_SOON = "ExpiringSoon"
+    EXPIRED = "Expired"
+    EXPIRY_UNKNOWN = "ExpiryUnknown"
+    # secret protection (domain/protection.py)
+    PROTECTED = "Protected"
+    NOT_SEALED = "NotSealed"
+    NOT_EXCLUDED_FROM_BACKUP = "NotExcludedFromBackup"
+    POLICY_IGNORED = "PolicyIgnored"
     SECRET_NOT_PROTECTED = "SecretNotProtected"
 
 
@@ -78,10 +91,50 @@ class ReasonInfo:
 _S = ConditionType.SECRET_RESOLVED
 _T = ConditionType.TOKEN_ACQUIRED
 _M = ConditionType.SMTP_AUTHENTICATED
+_E = ConditionType.CREDENTIAL_EXPIRING
+_P = ConditionType.SECRET_PROTECTED
 
 _INFO: dict[Reason, ReasonInfo] = {
     Reason.CONNECTION_TESTED: ReasonInfo(
         ConditionType.READY, transient=False, remedy="Nothing to do: the configuration works."
+    ),
+    Reason.RESOLVED: ReasonInfo(_S, transient=False, remedy="Nothing to do."),
+    Reason.TOKEN_ISSUED: ReasonInfo(_T, transient=False, remedy="Nothing to do."),
+    Reason.AUTHENTICATED: ReasonInfo(_M, transient=False, remedy="Nothing to do."),
+    Reason.NOT_TESTED: ReasonInfo(
+        ConditionType.READY, transient=False, remedy="Fix the step that failed first; this one runs after it."
+    ),
+    Reason.NOT_EXPIRING: ReasonInfo(_E, transient=False, remedy="Nothing to do yet."),
+    Reason.EXPIRING_SOON: ReasonInfo(
+        _E,
+        transient=False,
+        remedy="Create a new client secret in Entra ID, then update the Secret and the expiry date.",
+    ),
+    Reason.EXPIRED: ReasonInfo(
+        _E,
+        transient=False,
+        remedy="Create a new client secret in Entra ID and update the Secret and the expiry date now.",
+    ),
+    Reason.EXPIRY_UNKNOWN: ReasonInfo(
+        _E,
+        transient=False,
+        remedy="Set spec.identity.clientSecret.expiresAt (or expiresAtKey) to the date Entra ID shows.",
+    ),
+    Reason.PROTECTED: ReasonInfo(_P, transient=False, remedy="Nothing to do."),
+    Reason.NOT_SEALED: ReasonInfo(
+        _P,
+        transient=False,
+        remedy="Manage the Secret with a SealedSecret (or an ExternalSecret) so that only ciphertext is "
+        "committed and backed up.",
+    ),
+    Reason.NOT_EXCLUDED_FROM_BACKUP: ReasonInfo(
+        _P,
+        transient=False,
+        remedy="Label the Secret velero.io/exclude-from-backup=true (for Sealed Secrets: in the "
+        "SealedSecret's spec.template.metadata.labels).",
+    ),
+    Reason.POLICY_IGNORED: ReasonInfo(
+        _P, transient=False, remedy="Nothing to do: spec.secretPolicy is Ignore."
     ),
     Reason.SECRET_NOT_FOUND: ReasonInfo(
         _S,

@@ -1,0 +1,332 @@
+"""Access tokens from Microsoft Entra ID (client credentials), and where identity failures are decided.
+
+One MSAL ``ConfidentialClientApplication`` is kept per (authority, client, credential, trust, proxy):
+its in-memory token cache is what lets a thousand SmtpOAuthConfigs sharing one app registration cost
+one token request per token lifetime. Nothing here is ever written to disk or to the API server.
+
+MSAL's HTTP is synchronous (requests), so every call runs in a worker thread. We hand MSAL our own
+``requests.Session`` with ``trust_env=False``: otherwise the ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``
+variables silently override the CA bundle we pass, and ``HTTPS_PROXY`` overrides ``spec.proxy``.
+A response hook records each HTTP status and ``Retry-After``, which MSAL's result does not carry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import logging
+import os
+import ssl
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import msal
+import requests
+
+from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
+from smtp_oauth_operator.domain.redact import quote_reply
+
+__all__ = ["AccessToken", "TokenProvider", "TokenRequest"]
+
+logger = logging.getLogger(__name__)
+
+# error_codes[0] of Entra ID's error JSON → our reason (protocol-facts.md §5). The `error` string is
+# the fallback when a code is new to us.
+_CODES: dict[int, Reason] = {
+    90002: Reason.TENANT_NOT_FOUND,
+    900023: Reason.TENANT_NOT_FOUND,
+    700016: Reason.APPLICATION_NOT_FOUND,
+    7000215: Reason.INVALID_CLIENT_SECRET,
+    7000222: Reason.CLIENT_SECRET_EXPIRED,
+    70011: Reason.INVALID_SCOPE,
+    1002012: Reason.INVALID_SCOPE,
+    500011: Reason.INVALID_SCOPE,
+}
+_ERRORS: dict[str, Reason] = {
+    "invalid_tenant": Reason.TENANT_NOT_FOUND,
+    "unauthorized_client": Reason.APPLICATION_NOT_FOUND,
+    "invalid_client": Reason.INVALID_CLIENT_SECRET,
+    "invalid_scope": Reason.INVALID_SCOPE,
+    "invalid_resource": Reason.INVALID_SCOPE,
+}
+_T = ConditionType.TOKEN_ACQUIRED
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRequest:
+    """Everything needed to ask for a token. ``client_secret`` never appears in ``repr``."""
+
+    authority_host: str
+    tenant_id: str
+    client_id: str
+    scope: str
+    client_secret: str = field(repr=False)
+    ca_pem: str | None = None
+    proxy_url: str | None = None
+    timeout: float = 30.0
+
+    @property
+    def authority(self) -> str:
+        return f"{self.authority_host.rstrip('/')}/{self.tenant_id}"
+
+    @property
+    def token_endpoint(self) -> str:
+        return f"{self.authority}/oauth2/v2.0/token"
+
+    def cache_key(self) -> tuple[str, ...]:
+        # The secret enters the key only as a digest, so a rotated secret gets a fresh application
+        # (MSAL caches a 400 for 60 s per application) while the key itself is harmless to hold.
+        digest = hashlib.sha256(self.client_secret.encode()).hexdigest()
+        ca = hashlib.sha256(self.ca_pem.encode()).hexdigest() if self.ca_pem else ""
+        return (self.authority, self.client_id, digest, ca, self.proxy_url or "", str(self.timeout))
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    value: str = field(repr=False)
+    expires_at: float
+    from_cache: bool
+
+
+@dataclass(slots=True)
+class _Http:
+    """What the response hook saw during one call (thread-local per application)."""
+
+    status: int | None = None
+    retry_after: float | None = None
+    url: str | None = None
+
+
+class _App:
+    def __init__(self, request: TokenRequest, ca_file: str | None) -> None:
+        self.lock = asyncio.Lock()
+        self.local = threading.local()
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = ca_file or True
+        if request.proxy_url:
+            session.proxies = {"https": request.proxy_url, "http": request.proxy_url}
+        session.hooks["response"].append(self._record)
+        # MSAL passes no timeout of its own to an http_client it did not build.
+        session.request = functools.partial(session.request, timeout=request.timeout)  # type: ignore[method-assign]
+        self.session = session
+        self.msal: msal.ConfidentialClientApplication | None = None
+        self.request = request
+
+    def _record(self, response: requests.Response, *_: Any, **__: Any) -> None:
+        http: _Http = self.http
+        http.status = response.status_code
+        http.url = response.url
+        retry_after = response.headers.get("Retry-After")
+        http.retry_after = float(retry_after) if retry_after and retry_after.isdigit() else None
+
+    @property
+    def http(self) -> _Http:
+        if not hasattr(self.local, "http"):
+            self.local.http = _Http()
+        http: _Http = self.local.http
+        return http
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _ca_file(ca_pem: str | None) -> str | None:
+    """A CA file with the system's anchors plus the extra ones (requests wants a path)."""
+    if not ca_pem:
+        return None
+    digest = hashlib.sha256(ca_pem.encode()).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"smtp-oauth-operator-ca-{os.getuid()}-{digest}.pem")
+    if not os.path.exists(path):
+        system = ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"
+        base = ""
+        if os.path.exists(system):
+            with open(system, encoding="utf-8") as fh:
+                base = fh.read()
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(base.rstrip() + "\n" + ca_pem.strip() + "\n")
+        os.replace(tmp, path)
+    return path
+
+
+class TokenProvider:
+    """Acquires client-credentials tokens with a shared in-memory cache.
+
+    ``on_request(result)`` is called once per request that reached (or tried to reach) the identity
+    provider, with the reason value or ``"Success"``; cache hits are not requests.
+    """
+
+    def __init__(self, *, max_apps: int = 512, on_request: Callable[[str], None] | None = None) -> None:
+        self._apps: OrderedDict[tuple[str, ...], _App] = OrderedDict()
+        self._max_apps = max_apps
+        self._on_request = on_request or (lambda _result: None)
+
+    def _app(self, request: TokenRequest) -> _App:
+        key = request.cache_key()
+        app = self._apps.get(key)
+        if app is None:
+            app = _App(request, _ca_file(request.ca_pem))
+            self._apps[key] = app
+            while len(self._apps) > self._max_apps:
+                _, old = self._apps.popitem(last=False)
+                old.close()
+        self._apps.move_to_end(key)
+        return app
+
+    def invalidate(self, request: TokenRequest) -> None:
+        """Forget the cached application and tokens, e.g. after Exchange rejected the token.
+
+        A token minted before the admin granted SMTP.SendAsApp lacks the role for its whole lifetime;
+        dropping it makes the next test ask for a fresh one.
+        """
+        app = self._apps.pop(request.cache_key(), None)
+        if app is not None:
+            app.close()
+
+    def forget_unused(self, keep: set[tuple[str, ...]]) -> None:
+        for key in [k for k in self._apps if k not in keep]:
+            self._apps.pop(key).close()
+
+    async def acquire(self, request: TokenRequest) -> AccessToken:
+        app = self._app(request)
+        # One request in flight per application: concurrent tests of resources that share an app
+        # registration wait here and then find the token in the cache.
+        async with app.lock:
+            return await asyncio.to_thread(self._acquire_sync, app, request)
+
+    # -- worker thread -------------------------------------------------------------------------
+
+    def _acquire_sync(self, app: _App, request: TokenRequest) -> AccessToken:
+        http = app.http
+        http.status = http.retry_after = http.url = None
+        secrets = (request.client_secret,)
+        host = urlsplit(request.authority_host).netloc
+        try:
+            if app.msal is None:
+                app.msal = msal.ConfidentialClientApplication(
+                    request.client_id,
+                    client_credential=request.client_secret,
+                    authority=request.authority,
+                    http_client=app.session,
+                    instance_discovery=False,
+                    validate_authority=False,
+                )
+            result = app.msal.acquire_token_for_client(scopes=[request.scope])
+        except requests.exceptions.SSLError as exc:
+            self._on_request(Reason.TLS_VERIFICATION_FAILED)
+            raise CheckFailed(
+                Reason.TLS_VERIFICATION_FAILED,
+                f"the identity provider {host} presented a certificate that is not trusted "
+                f"({_ssl_detail(exc)}); add its issuing CA as spec.identity.caBundle",
+                condition=_T,
+            ) from None
+        except requests.exceptions.ProxyError as exc:
+            self._on_request(Reason.IDENTITY_PROVIDER_UNREACHABLE)
+            raise CheckFailed(
+                Reason.IDENTITY_PROVIDER_UNREACHABLE,
+                f"the proxy {urlsplit(request.proxy_url or '').netloc} did not connect us to {host} "
+                f"({_short(exc, secrets)})",
+            ) from None
+        except requests.exceptions.Timeout:
+            self._on_request(Reason.IDENTITY_PROVIDER_UNREACHABLE)
+            via = f" through the proxy {urlsplit(request.proxy_url).netloc}" if request.proxy_url else ""
+            raise CheckFailed(
+                Reason.IDENTITY_PROVIDER_UNREACHABLE,
+                f"no answer from the identity provider {host}{via} within {request.timeout:g} s",
+            ) from None
+        except requests.exceptions.RequestException as exc:
+            self._on_request(Reason.IDENTITY_PROVIDER_UNREACHABLE)
+            raise CheckFailed(
+                Reason.IDENTITY_PROVIDER_UNREACHABLE,
+                f"cannot connect to the identity provider {host} ({_short(exc, secrets)})",
+            ) from None
+        except msal.exceptions.MsalServiceError:
+            # MSAL raises this for a 5xx; a throttling answer may come the same way.
+            raise self._http_failure(app, request) from None
+        except json.JSONDecodeError:
+            raise self._http_failure(app, request) from None
+        except ValueError as exc:
+            # MSAL's constructor raises ValueError when tenant discovery is refused (a 400 for an
+            # unknown tenant). Any other ValueError is a bug of ours; let it surface as such.
+            if "authority" not in str(exc).lower():
+                raise
+            status = app.http.status  # set by the response hook, behind mypy's back
+            if status is not None and (status >= 500 or status == 429):
+                raise self._http_failure(app, request) from None
+            self._on_request(Reason.TENANT_NOT_FOUND)
+            raise CheckFailed(
+                Reason.TENANT_NOT_FOUND,
+                f"Entra ID does not know the tenant {request.tenant_id!r} at {host} "
+                f"(OIDC discovery answered HTTP {status or 'with an error'})",
+            ) from None
+
+        if "access_token" in result:
+            from_cache = result.get("token_source") == "cache"
+            if not from_cache:
+                self._on_request("Success")
+            expires_in = float(result.get("expires_in", 600))
+            return AccessToken(
+                value=str(result["access_token"]),
+                expires_at=time.time() + expires_in,
+                from_cache=from_cache,
+            )
+        raise self._error_result(result, app, request)
+
+    def _http_failure(self, app: _App, request: TokenRequest) -> CheckFailed:
+        status = app.http.status
+        host = urlsplit(request.authority_host).netloc
+        if status == 429:
+            self._on_request(Reason.THROTTLED)
+            retry = app.http.retry_after
+            after = f"; retrying after {retry:g} s as asked" if retry else ""
+            return CheckFailed(
+                Reason.THROTTLED, f"Entra ID throttled the token request (HTTP 429){after}", retry_after=retry
+            )
+        self._on_request(Reason.IDENTITY_PROVIDER_UNAVAILABLE)
+        what = f"HTTP {status}" if status else "an unreadable answer"
+        return CheckFailed(
+            Reason.IDENTITY_PROVIDER_UNAVAILABLE,
+            f"the identity provider {host} failed with {what}",
+            retry_after=app.http.retry_after,
+        )
+
+    def _error_result(self, result: dict[str, Any], app: _App, request: TokenRequest) -> CheckFailed:
+        status = app.http.status
+        if status == 429 or (status is not None and status >= 500):
+            return self._http_failure(app, request)
+        codes = result.get("error_codes") or []
+        code = codes[0] if codes and isinstance(codes[0], int) else None
+        error = str(result.get("error", "unknown_error"))
+        reason = _CODES.get(code) if code is not None else None
+        reason = reason or _ERRORS.get(error, Reason.UNEXPECTED_RESPONSE)
+        self._on_request(reason)
+        description = str(result.get("error_description", "")).split("\r\n")[0].split("\n")[0]
+        detail = quote_reply(description, (request.client_secret,)) or error
+        return CheckFailed(reason, f"Entra ID refused the token request: {detail}", condition=_T)
+
+
+def _ssl_detail(exc: BaseException) -> str:
+    text = str(exc)
+    for marker in ("certificate verify failed: ", "CERTIFICATE_VERIFY_FAILED"):
+        if marker in text:
+            tail = text.split(marker, 1)[1]
+            return "certificate verify failed: " + tail.split(" (_ssl")[0].split("')")[0].strip(" :")
+    return "TLS handshake failed"
+
+
+def _short(exc: BaseException, secrets: tuple[str, ...]) -> str:
+    text = str(exc)
+    for marker in ("Failed to establish a new connection: ", "Caused by ", "Errno"):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+            break
+    return quote_reply(text.rstrip("')\""), secrets)[:160] or type(exc).__name__

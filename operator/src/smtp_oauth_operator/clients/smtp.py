@@ -1,0 +1,272 @@
+"""SMTP AUTH XOAUTH2 against Exchange Online (aiosmtplib), and where SMTP failures are decided.
+
+The session is exactly what a sender does: connect (directly or through an HTTP CONNECT proxy), read
+the greeting, EHLO, STARTTLS (required: never authenticate in plaintext), EHLO, AUTH XOAUTH2, an
+optional test message, QUIT. Each step that can fail maps its errors to one reason here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import email.message
+import email.utils
+import socket
+import ssl
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aiosmtplib
+
+from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
+from smtp_oauth_operator.domain.redact import quote_reply
+
+__all__ = ["Message", "SmtpResult", "SmtpTarget", "authenticate", "tls_context"]
+
+_M = ConditionType.SMTP_AUTHENTICATED
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpTarget:
+    host: str
+    port: int
+    implicit_tls: bool
+    timeout: float
+    ca_pem: str | None = None
+    proxy_url: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.host}:{self.port} ({'ImplicitTLS' if self.implicit_tls else 'StartTLS'})"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    sender: str
+    to: tuple[str, ...]
+    subject: str
+    body: str
+
+
+@dataclass(slots=True)
+class SmtpResult:
+    banner: str = ""
+    auth_methods: list[str] = field(default_factory=list)
+    sent: str | None = None  # the server's answer to DATA when a message was sent
+
+
+def tls_context(ca_pem: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if ca_pem:
+        context.load_verify_locations(cadata=ca_pem)
+    return context
+
+
+async def _connect_via_proxy(target: SmtpTarget) -> socket.socket:
+    """Open a TCP tunnel with HTTP CONNECT and return its socket for aiosmtplib's ``sock=``."""
+    proxy = urlsplit(target.proxy_url or "")
+    proxy_host = proxy.hostname or ""
+    proxy_port = proxy.port or (443 if proxy.scheme == "https" else 80)
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(proxy_host, proxy_port, ssl=proxy.scheme == "https"),
+            target.timeout,
+        )
+    except TimeoutError:
+        raise CheckFailed(
+            Reason.SMTP_CONNECTION_TIMEOUT,
+            f"no connection to the proxy {proxy.netloc} within {target.timeout:g} s",
+        ) from None
+    except OSError as exc:
+        raise CheckFailed(
+            Reason.SMTP_CONNECTION_REFUSED,
+            f"cannot connect to the proxy {proxy.netloc} ({exc.strerror or exc})",
+        ) from None
+    try:
+        authority = f"{target.host}:{target.port}"
+        writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), target.timeout)
+    except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+        writer.close()
+        raise CheckFailed(
+            Reason.SMTP_CONNECTION_TIMEOUT,
+            f"the proxy {proxy.netloc} did not open a tunnel to {target.host}:{target.port} "
+            f"within {target.timeout:g} s",
+        ) from None
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or parts[1] != "200":
+        writer.close()
+        raise CheckFailed(
+            Reason.SMTP_CONNECTION_REFUSED,
+            f"the proxy {proxy.netloc} refused the tunnel to {target.host}:{target.port}: "
+            f"{quote_reply(status_line)}",
+        )
+    sock: socket.socket = writer.get_extra_info("socket")
+    # Detach the socket from asyncio's transport so aiosmtplib can own it.
+    duplicate = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    writer.transport.abort()
+    duplicate.setblocking(False)
+    return duplicate
+
+
+def _reply(exc: aiosmtplib.SMTPResponseException, secrets: tuple[str, ...]) -> str:
+    return quote_reply(f"{exc.code} {exc.message}", secrets)
+
+
+async def authenticate(
+    target: SmtpTarget,
+    username: str,
+    token: str,
+    *,
+    message: Message | None = None,
+) -> SmtpResult:
+    """Run one SMTP session and raise :class:`CheckFailed` with the precise reason on failure."""
+    auth_blob = base64.b64encode(f"user={username}\x01auth=Bearer {token}\x01\x01".encode()).decode()
+    secrets = (token, auth_blob)
+    result = SmtpResult()
+    context = tls_context(target.ca_pem)
+    where = target.describe()
+    sock = await _connect_via_proxy(target) if target.proxy_url else None
+    smtp = aiosmtplib.SMTP(
+        hostname=target.host,
+        port=None if sock else target.port,
+        use_tls=target.implicit_tls,
+        start_tls=False,
+        tls_context=context,
+        timeout=target.timeout,
+        sock=sock,
+    )
+    try:
+        try:
+            response = await smtp.connect()
+            result.banner = quote_reply(response.message, secrets)
+        except aiosmtplib.SMTPConnectTimeoutError:
+            raise CheckFailed(
+                Reason.SMTP_CONNECTION_TIMEOUT,
+                f"no connection to {where} within {target.timeout:g} s",
+            ) from None
+        except aiosmtplib.SMTPReadTimeoutError:
+            raise CheckFailed(
+                Reason.SMTP_CONNECTION_TIMEOUT,
+                f"{where} accepted the connection but sent no greeting within {target.timeout:g} s",
+            ) from None
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            raise CheckFailed(
+                Reason.UNEXPECTED_RESPONSE, f"{where} greeted with {_reply(exc, secrets)}"
+            ) from None
+        except aiosmtplib.SMTPConnectError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise _tls_failure(cause, where) from None
+            if isinstance(cause, ssl.SSLError):
+                raise CheckFailed(
+                    Reason.UNEXPECTED_RESPONSE,
+                    f"the TLS handshake with {where} failed ({cause.reason or cause}); is it really "
+                    "an implicit-TLS port?",
+                ) from None
+            detail = getattr(cause, "strerror", None) or quote_reply(str(exc))
+            raise CheckFailed(
+                Reason.SMTP_CONNECTION_REFUSED, f"cannot connect to {where} ({detail})"
+            ) from None
+
+        await smtp.ehlo()
+        if not target.implicit_tls:
+            if not smtp.supports_extension("starttls"):
+                raise CheckFailed(
+                    Reason.STARTTLS_NOT_OFFERED,
+                    f"{where} does not offer STARTTLS, and this operator never authenticates in plaintext",
+                )
+            try:
+                await smtp.starttls(tls_context=context)
+            except ssl.SSLCertVerificationError as exc:
+                raise _tls_failure(exc, where) from None
+            except ssl.SSLError as exc:
+                raise CheckFailed(
+                    Reason.UNEXPECTED_RESPONSE, f"the STARTTLS handshake with {where} failed ({exc.reason})"
+                ) from None
+            await smtp.ehlo()
+
+        result.auth_methods = sorted(smtp.server_auth_methods)
+        if "xoauth2" not in smtp.server_auth_methods:
+            offered = ", ".join(m.upper() for m in result.auth_methods) or "none"
+            raise CheckFailed(
+                Reason.XOAUTH2_NOT_OFFERED,
+                f"{where} does not offer AUTH XOAUTH2 after TLS (offers: {offered})",
+            )
+        try:
+            await smtp.auth_xoauth2(username, token)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise _auth_failure(exc, where, secrets) from None
+
+        if message is not None:
+            result.sent = await _send(smtp, message, where, secrets)
+        with contextlib.suppress(aiosmtplib.SMTPException):
+            await smtp.quit()
+        return result
+    except aiosmtplib.SMTPTimeoutError:
+        raise CheckFailed(
+            Reason.SMTP_CONNECTION_TIMEOUT, f"{where} stopped answering within {target.timeout:g} s"
+        ) from None
+    except aiosmtplib.SMTPResponseException as exc:
+        raise CheckFailed(Reason.UNEXPECTED_RESPONSE, f"{where} answered {_reply(exc, secrets)}") from None
+    except aiosmtplib.SMTPServerDisconnected as exc:
+        raise CheckFailed(
+            Reason.UNEXPECTED_RESPONSE,
+            f"{where} closed the connection unexpectedly ({quote_reply(str(exc), secrets)})",
+        ) from None
+    except aiosmtplib.SMTPException as exc:
+        raise CheckFailed(Reason.UNEXPECTED_RESPONSE, f"{where}: {quote_reply(str(exc), secrets)}") from None
+    finally:
+        smtp.close()
+
+
+def _tls_failure(exc: ssl.SSLCertVerificationError, where: str) -> CheckFailed:
+    detail = exc.verify_message or exc.reason or "certificate verify failed"
+    return CheckFailed(
+        Reason.TLS_VERIFICATION_FAILED,
+        f"the SMTP server {where} presented a certificate that is not trusted ({detail}); "
+        "add its issuing CA as spec.smtp.caBundle",
+        condition=_M,
+    )
+
+
+def _auth_failure(
+    exc: aiosmtplib.SMTPAuthenticationError, where: str, secrets: tuple[str, ...]
+) -> CheckFailed:
+    reply = _reply(exc, secrets)
+    text = exc.message or ""
+    if exc.code == 535 and "5.7.139" in text:
+        scope = "the mailbox" if "Mailbox" in text else "the tenant" if "Tenant" in text else "this sender"
+        return CheckFailed(
+            Reason.SMTP_AUTH_DISABLED,
+            f"{where} answered that SMTP AUTH is disabled for {scope}: {reply}",
+        )
+    if exc.code == 535:
+        return CheckFailed(
+            Reason.AUTHENTICATION_REJECTED,
+            f"{where} rejected the token: {reply}; the app needs SMTP.SendAsApp, a service principal "
+            "in Exchange and FullAccess on the mailbox",
+        )
+    return CheckFailed(Reason.UNEXPECTED_RESPONSE, f"{where} answered AUTH XOAUTH2 with {reply}")
+
+
+async def _send(smtp: aiosmtplib.SMTP, message: Message, where: str, secrets: tuple[str, ...]) -> str:
+    mail = email.message.EmailMessage()
+    mail["From"] = message.sender
+    mail["To"] = ", ".join(message.to)
+    mail["Subject"] = message.subject
+    mail["Date"] = email.utils.formatdate(usegmt=True)
+    mail["Message-ID"] = email.utils.make_msgid(domain=message.sender.rsplit("@", 1)[-1])
+    mail.set_content(message.body)
+    try:
+        _, answer = await smtp.send_message(mail)
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        replies = "; ".join(_reply(r, secrets) for r in exc.recipients)
+        raise CheckFailed(Reason.SEND_REJECTED, f"{where} refused the recipient: {replies}") from None
+    except (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPDataError, aiosmtplib.SMTPRecipientRefused) as exc:
+        raise CheckFailed(
+            Reason.SEND_REJECTED, f"{where} refused the test message: {_reply(exc, secrets)}"
+        ) from None
+    return quote_reply(answer, secrets)

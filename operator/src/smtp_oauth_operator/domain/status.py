@@ -1,0 +1,367 @@
+"""The one place where ``status`` and the Events of a pass are decided.
+
+:func:`decide` takes the previous status and what this pass observed (a connection test, or none
+when the last one is still fresh; the expiry state; the Secret's protection) and returns the new
+status plus the Events and the alarm to send. It is pure: the reconciler writes the result only if it
+differs from what is stored, so a pass that changes nothing makes no API write.
+
+Conditions follow the Kubernetes API conventions: metav1.Condition shape, ``observedGeneration`` on
+each, ``lastTransitionTime`` moved only when ``status`` flips. ``Ready`` is the first failing check of
+an ordered chain (the connection test, then expiry, then the secret policy), as in cert-manager.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from smtp_oauth_operator.domain.expiry import ExpiryState, days_phrase, format_date
+from smtp_oauth_operator.domain.protection import Protection
+from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason, info
+from smtp_oauth_operator.domain.spec import parse_time
+
+__all__ = [
+    "Alarm",
+    "Decision",
+    "Event",
+    "Observation",
+    "TestRecord",
+    "decide",
+    "timestamp",
+]
+
+STEPS = (ConditionType.SECRET_RESOLVED, ConditionType.TOKEN_ACQUIRED, ConditionType.SMTP_AUTHENTICATED)
+_STEP_OK = {
+    ConditionType.SECRET_RESOLVED: (Reason.RESOLVED, "The Secret and trust bundles were read."),
+    ConditionType.TOKEN_ACQUIRED: (Reason.TOKEN_ISSUED, "Entra ID issued an access token."),
+    ConditionType.SMTP_AUTHENTICATED: (
+        Reason.AUTHENTICATED,
+        "The SMTP server accepted AUTH XOAUTH2 after TLS.",
+    ),
+}
+MAX_HISTORY = 20
+
+
+def timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class TestRecord:
+    """The outcome of one connection test."""
+
+    failure: CheckFailed | None
+    tested_at: datetime
+    duration: float
+    fingerprint: str
+    token_endpoint: str | None = None
+    scope: str | None = None
+    smtp_endpoint: str | None = None
+    sent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    generation: int
+    now: datetime
+    client_id: str
+    secret_name: str
+    test: TestRecord | None
+    expiry: ExpiryState
+    protection: Protection | None
+    policy: str
+    handled_recheck: str | None
+    next_test_time: datetime | None
+    consecutive_failures: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    """An expiry alarm to e-mail to spec.alarms.notify.to."""
+
+    kind: str  # ClientSecretExpiringSoon or ClientSecretExpired
+    subject: str
+    body: str
+
+
+@dataclass(slots=True)
+class Decision:
+    status: dict[str, Any]
+    events: list[Event] = field(default_factory=list)
+    alarm: Alarm | None = None
+
+    @property
+    def ready(self) -> Mapping[str, Any]:
+        return _find(self.status.get("conditions", []), ConditionType.READY) or {}
+
+
+def _find(conditions: Sequence[Mapping[str, Any]], ctype: str) -> Mapping[str, Any] | None:
+    return next((c for c in conditions if c.get("type") == ctype), None)
+
+
+def _condition(
+    previous: Sequence[Mapping[str, Any]],
+    ctype: str,
+    status: str,
+    reason: str,
+    message: str,
+    generation: int,
+    now: datetime,
+) -> dict[str, Any]:
+    old = _find(previous, ctype)
+    moved = old is None or old.get("status") != status or not old.get("lastTransitionTime")
+    return {
+        "type": str(ctype),
+        "status": status,
+        "reason": str(reason),
+        "message": message,
+        "lastTransitionTime": timestamp(now) if moved else old["lastTransitionTime"],  # type: ignore[index]
+        "observedGeneration": generation,
+    }
+
+
+def _step_conditions(
+    prev_conditions: Sequence[Mapping[str, Any]], test: TestRecord
+) -> dict[ConditionType, tuple[str, str, str]]:
+    failed_at = test.failure.condition if test.failure else None
+    if failed_at is ConditionType.READY:  # a failure before any step (an invalid spec)
+        failed_at = ConditionType.SECRET_RESOLVED
+    steps: dict[ConditionType, tuple[str, str, str]] = {}
+    reached = True
+    for step in STEPS:
+        if not reached:
+            steps[step] = (
+                "Unknown",
+                Reason.NOT_TESTED,
+                f"Not tested: {failed_at} failed first.",
+            )
+        elif step == failed_at and test.failure is not None:
+            steps[step] = ("False", test.failure.reason, _sentence(test.failure.message))
+            reached = False
+        else:
+            reason, message = _STEP_OK[step]
+            steps[step] = ("True", reason, message)
+    return steps
+
+
+def _previous_steps(
+    prev_conditions: Sequence[Mapping[str, Any]],
+) -> dict[ConditionType, tuple[str, str, str]]:
+    steps: dict[ConditionType, tuple[str, str, str]] = {}
+    for step in STEPS:
+        old = _find(prev_conditions, step)
+        if old is None:
+            steps[step] = ("Unknown", Reason.NOT_TESTED, "Not tested yet.")
+        else:
+            steps[step] = (str(old["status"]), str(old["reason"]), str(old.get("message", "")))
+    return steps
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    text = text[:1].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def _parse(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return parse_time(str(value))
+    except ValueError:
+        return None
+
+
+def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
+    """Compute the new status, Events and alarm from the previous status and this pass."""
+    prev = dict(previous or {})
+    prev_conditions: list[Mapping[str, Any]] = list(prev.get("conditions") or [])
+    now = obs.now
+    status: dict[str, Any] = {
+        k: v
+        for k, v in prev.items()
+        if k
+        in {
+            "tokenEndpoint",
+            "scope",
+            "smtpEndpoint",
+            "lastTestTime",
+            "lastTestDurationSeconds",
+            "observedFingerprint",
+            "lastAlarm",
+            "alarmHistory",
+        }
+    }
+    events: list[Event] = []
+    alarm: Alarm | None = None
+
+    # 1. The connection test's steps: this pass's test, or the previous one's conditions.
+    if obs.test is not None:
+        steps = _step_conditions(prev_conditions, obs.test)
+        status["lastTestTime"] = timestamp(obs.test.tested_at)
+        status["lastTestDurationSeconds"] = round(obs.test.duration, 3)
+        status["observedFingerprint"] = obs.test.fingerprint
+        for key, value in (
+            ("tokenEndpoint", obs.test.token_endpoint),
+            ("scope", obs.test.scope),
+            ("smtpEndpoint", obs.test.smtp_endpoint),
+        ):
+            if value:
+                status[key] = value
+    else:
+        steps = _previous_steps(prev_conditions)
+    test_failure = next(((s, r, m) for (s, r, m) in steps.values() if s == "False"), None)
+    untested = all(s == "Unknown" for (s, _, _) in steps.values())
+
+    # 2. Expiry. Entra ID's AADSTS7000222 means expired whatever the spec says.
+    expiry = obs.expiry
+    idp_says_expired = test_failure is not None and test_failure[1] == Reason.CLIENT_SECRET_EXPIRED
+    if expiry.expires_at is not None:
+        status["clientSecretExpiresAt"] = timestamp(expiry.expires_at)
+    else:
+        status.pop("clientSecretExpiresAt", None)
+    prev_expires = _parse(prev.get("clientSecretExpiresAt"))
+    if expiry.expires_at and prev_expires and expiry.expires_at > prev_expires:
+        message = (
+            f"Client secret of app {obs.client_id} now expires {format_date(expiry.expires_at)} "
+            f"(was {format_date(prev_expires)})."
+        )
+        events.append(Event("Normal", "ClientSecretRotated", message))
+        status.pop("lastAlarm", None)
+        _history(status, "ClientSecretRotated", None, now, message)
+
+    if idp_says_expired or expiry.reason is Reason.EXPIRED:
+        exp_status, exp_reason = "True", Reason.EXPIRED
+        when = f"on {format_date(expiry.expires_at)}" if expiry.expires_at else "(Entra ID says so)"
+        exp_message = (
+            f"The client secret of app {obs.client_id} expired {when}: create a new secret in Entra ID "
+            f"and update Secret {obs.secret_name}."
+        )
+    elif expiry.reason is Reason.EXPIRING_SOON and expiry.expires_at and expiry.remaining:
+        exp_status, exp_reason = "True", Reason.EXPIRING_SOON
+        exp_message = (
+            f"The client secret of app {obs.client_id} expires {format_date(expiry.expires_at)} "
+            f"({days_phrase(expiry.remaining)}): create a new secret in Entra ID and update "
+            f"Secret {obs.secret_name}."
+        )
+    elif expiry.reason is Reason.NOT_EXPIRING and expiry.expires_at and expiry.remaining:
+        exp_status, exp_reason = "False", Reason.NOT_EXPIRING
+        exp_message = (
+            f"The client secret expires {format_date(expiry.expires_at)} ({days_phrase(expiry.remaining)})."
+        )
+    else:
+        exp_status, exp_reason = "Unknown", Reason.EXPIRY_UNKNOWN
+        exp_message = "No expiry date: set spec.identity.clientSecret.expiresAt or expiresAtKey."
+
+    # 3. Alarms: once per threshold for a given expiry date, remembered in status across restarts.
+    last = prev.get("lastAlarm") if "lastAlarm" in status else None
+    same_date = bool(last) and _parse(last.get("expiresAt")) == expiry.expires_at  # type: ignore[union-attr]
+    if exp_reason is Reason.EXPIRED and not (
+        same_date and last and last.get("type") == "ClientSecretExpired"
+    ):
+        alarm = Alarm(
+            "ClientSecretExpired",
+            f"[smtp-oauth-operator] Client secret EXPIRED: {obs.client_id}",
+            exp_message,
+        )
+        events.append(Event("Warning", "ClientSecretExpired", exp_message))
+        status["lastAlarm"] = _alarm_record("ClientSecretExpired", None, expiry, now)
+        _history(status, "ClientSecretExpired", None, now, exp_message)
+    elif exp_reason is Reason.EXPIRING_SOON and expiry.threshold_days is not None:
+        already = (
+            same_date
+            and last is not None
+            and last.get("type") in {"ClientSecretExpiringSoon", "ClientSecretExpired"}
+            and int(last.get("thresholdDays") or 0) <= expiry.threshold_days
+            and last.get("thresholdDays") is not None
+        )
+        if not already:
+            subject = (
+                f"[smtp-oauth-operator] Client secret of {obs.client_id} expires "
+                f"{days_phrase(expiry.remaining or now - now)}"
+            )
+            alarm = Alarm("ClientSecretExpiringSoon", subject, exp_message)
+            events.append(Event("Warning", "ClientSecretExpiringSoon", exp_message))
+            status["lastAlarm"] = _alarm_record(
+                "ClientSecretExpiringSoon", expiry.threshold_days, expiry, now
+            )
+            _history(status, "ClientSecretExpiringSoon", expiry.threshold_days, now, exp_message)
+
+    # 4. Secret protection.
+    protection = obs.protection
+    if protection is None:
+        prot = ("Unknown", Reason.NOT_TESTED, "Not checked: the Secret could not be read.")
+    else:
+        prot = (protection.status, protection.reason, protection.message)
+
+    # 5. Ready: the first failing check of the chain.
+    if test_failure is not None:
+        ready = ("False", test_failure[1], test_failure[2])
+    elif untested:
+        ready = ("Unknown", Reason.NOT_TESTED, "The connection has not been tested yet.")
+    elif exp_reason is Reason.EXPIRED:
+        ready = ("False", Reason.CLIENT_SECRET_EXPIRED, exp_message)
+    elif obs.policy == "Require" and protection is not None and not protection.protected:
+        ready = ("False", Reason.SECRET_NOT_PROTECTED, f"{protection.message} spec.secretPolicy is Require.")
+    else:
+        ready = ("True", Reason.CONNECTION_TESTED, "Token acquired and SMTP AUTH XOAUTH2 accepted.")
+
+    g = obs.generation
+    conditions = [
+        _condition(prev_conditions, ConditionType.READY, *ready, g, now),
+        *(_condition(prev_conditions, step, *steps[step], g, now) for step in STEPS),
+        _condition(
+            prev_conditions, ConditionType.CREDENTIAL_EXPIRING, exp_status, exp_reason, exp_message, g, now
+        ),
+        _condition(prev_conditions, ConditionType.SECRET_PROTECTED, *prot, g, now),
+    ]
+    status["conditions"] = conditions
+    status["observedGeneration"] = g
+    if obs.handled_recheck is not None:
+        status["handledRecheck"] = obs.handled_recheck
+    if obs.next_test_time is not None:
+        status["nextTestTime"] = timestamp(obs.next_test_time)
+    status["consecutiveFailures"] = obs.consecutive_failures
+
+    # 6. Events on transitions of Ready and of the protection verdict, not on every pass.
+    old_ready = _find(prev_conditions, ConditionType.READY)
+    changed = old_ready is None or (old_ready.get("status"), old_ready.get("reason")) != ready[:2]
+    if changed and ready[0] == "True":
+        events.insert(0, Event("Normal", "ConnectionTestSucceeded", f"{ready[2]}"))
+    elif changed and ready[0] == "False":
+        remedy = info(Reason(ready[1])).remedy
+        events.insert(0, Event("Warning", "ConnectionTestFailed", f"{ready[1]}: {ready[2]} {remedy}"))
+    old_prot = _find(prev_conditions, ConditionType.SECRET_PROTECTED)
+    if (
+        protection is not None
+        and not protection.protected
+        and (old_prot is None or old_prot.get("reason") != protection.reason)
+    ):
+        events.append(Event("Warning", "SecretNotProtected", protection.message))
+    return Decision(status=status, events=events, alarm=alarm)
+
+
+def _alarm_record(kind: str, threshold: int | None, expiry: ExpiryState, now: datetime) -> dict[str, Any]:
+    record: dict[str, Any] = {"type": kind, "time": timestamp(now)}
+    if threshold is not None:
+        record["thresholdDays"] = threshold
+    if expiry.expires_at is not None:
+        record["expiresAt"] = timestamp(expiry.expires_at)
+    return record
+
+
+def _history(status: dict[str, Any], kind: str, threshold: int | None, now: datetime, message: str) -> None:
+    entry: dict[str, Any] = {"type": kind, "time": timestamp(now), "message": message}
+    if threshold is not None:
+        entry["thresholdDays"] = threshold
+    history = [*list(status.get("alarmHistory") or []), entry]
+    status["alarmHistory"] = history[-MAX_HISTORY:]

@@ -1,0 +1,217 @@
+"""The connection test, shared by the operator and the ``check`` CLI (ISE's "Test Connection").
+
+1. resolve: read the client secret, the optional trust bundles and the expiry date from the
+   referenced Secret/ConfigMaps (through an :class:`ObjectSource`: the API server, or manifests);
+2. acquire a token (clients/identity.py);
+3. authenticate to SMTP with XOAUTH2 after TLS, optionally send a test message (clients/smtp.py).
+Each step raises :class:`CheckFailed` with its reason; :func:`run` turns that into a TestRecord.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+from smtp_oauth_operator.clients.identity import TokenProvider, TokenRequest
+from smtp_oauth_operator.clients.smtp import Message, SmtpTarget, authenticate
+from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
+from smtp_oauth_operator.domain.spec import KeyRef, SmtpOAuthSpec, parse_time
+from smtp_oauth_operator.domain.status import TestRecord
+
+__all__ = ["Inputs", "ObjectSource", "SourceObject", "resolve", "run", "send_mail", "token_request"]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceObject:
+    """A Secret or ConfigMap: ``data`` holds decoded text values (never logged)."""
+
+    data: Mapping[str, str] = field(repr=False)
+    metadata: Mapping[str, Any]
+
+
+class ObjectSource(Protocol):
+    async def read(
+        self, kind: Literal["Secret", "ConfigMap"], namespace: str, name: str
+    ) -> SourceObject | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    client_secret: str = field(repr=False)
+    identity_ca: str | None
+    smtp_ca: str | None
+    expires_at: datetime | None
+    secret_metadata: Mapping[str, Any]
+    fingerprint: str
+
+
+async def _value(source: ObjectSource, namespace: str, ref: KeyRef, *, ca: bool) -> tuple[str, str]:
+    obj = await source.read(ref.kind, namespace, ref.name)
+    missing = Reason.CA_BUNDLE_NOT_FOUND if ca else Reason.SECRET_NOT_FOUND
+    if obj is None:
+        raise CheckFailed(missing, f"{ref.kind} {namespace}/{ref.name} does not exist")
+    if ref.key not in obj.data:
+        reason = Reason.CA_BUNDLE_NOT_FOUND if ca else Reason.SECRET_KEY_NOT_FOUND
+        raise CheckFailed(reason, f"{ref.kind} {namespace}/{ref.name} has no key {ref.key!r}")
+    return obj.data[ref.key], str(obj.metadata.get("resourceVersion", ""))
+
+
+def _check_pem(pem: str, ref: KeyRef, namespace: str) -> str:
+    try:
+        if "-----BEGIN CERTIFICATE-----" not in pem:
+            raise ValueError("no PEM certificate")
+        ssl.create_default_context().load_verify_locations(cadata=pem)
+    except (ValueError, ssl.SSLError):
+        raise CheckFailed(
+            Reason.CA_BUNDLE_NOT_FOUND,
+            f"{ref.kind} {namespace}/{ref.name} key {ref.key!r} does not hold PEM certificates",
+        ) from None
+    return pem
+
+
+async def resolve(spec: SmtpOAuthSpec, namespace: str, generation: int, source: ObjectSource) -> Inputs:
+    """Read everything the test needs from the referenced objects."""
+    ref = spec.secret_ref
+    obj = await source.read("Secret", namespace, ref.name)
+    if obj is None:
+        raise CheckFailed(
+            Reason.SECRET_NOT_FOUND,
+            f"Secret {namespace}/{ref.name} does not exist (is the SealedSecret unsealed?)",
+        )
+    secret = obj.data.get(ref.key)
+    if secret is None:
+        raise CheckFailed(
+            Reason.SECRET_KEY_NOT_FOUND, f"Secret {namespace}/{ref.name} has no key {ref.key!r}"
+        )
+    secret = secret.strip()
+    if not secret:
+        raise CheckFailed(
+            Reason.SECRET_KEY_NOT_FOUND, f"Secret {namespace}/{ref.name} key {ref.key!r} is empty"
+        )
+    versions = [str(obj.metadata.get("resourceVersion", ""))]
+
+    expires_at = spec.expires_at
+    if spec.expires_at_key:
+        raw = obj.data.get(spec.expires_at_key)
+        if raw is None:
+            raise CheckFailed(
+                Reason.SECRET_KEY_NOT_FOUND,
+                f"Secret {namespace}/{ref.name} has no key {spec.expires_at_key!r} (expiresAtKey)",
+            )
+        try:
+            expires_at = parse_time(raw)
+        except ValueError:
+            raise CheckFailed(
+                Reason.INVALID_SPEC,
+                f"Secret {namespace}/{ref.name} key {spec.expires_at_key!r} is not an RFC 3339 date "
+                "like 2027-05-31T00:00:00Z",
+                condition=ConditionType.SECRET_RESOLVED,
+            ) from None
+
+    cas: dict[str, str | None] = {}
+    for name, ca_ref in (("identity", spec.identity_ca), ("smtp", spec.smtp_ca)):
+        if ca_ref is None:
+            cas[name] = None
+            continue
+        pem, version = await _value(source, namespace, ca_ref, ca=True)
+        cas[name] = _check_pem(pem, ca_ref, namespace)
+        versions.append(version)
+
+    fingerprint = hashlib.sha256(json.dumps([generation, *versions]).encode()).hexdigest()[:32]
+    return Inputs(
+        client_secret=secret,
+        identity_ca=cas["identity"],
+        smtp_ca=cas["smtp"],
+        expires_at=expires_at,
+        secret_metadata=obj.metadata,
+        fingerprint=fingerprint,
+    )
+
+
+def token_request(spec: SmtpOAuthSpec, inputs: Inputs) -> TokenRequest:
+    return TokenRequest(
+        authority_host=spec.authority_host,
+        tenant_id=spec.tenant_id,
+        client_id=spec.client_id,
+        scope=spec.scope,
+        client_secret=inputs.client_secret,
+        ca_pem=inputs.identity_ca,
+        proxy_url=spec.proxy_url,
+        timeout=spec.identity_timeout,
+    )
+
+
+def smtp_target(spec: SmtpOAuthSpec, inputs: Inputs) -> SmtpTarget:
+    return SmtpTarget(
+        host=spec.smtp_host,
+        port=spec.smtp_port,
+        implicit_tls=spec.implicit_tls,
+        timeout=spec.connection_timeout,
+        ca_pem=inputs.smtp_ca,
+        proxy_url=spec.proxy_url,
+    )
+
+
+async def run(
+    spec: SmtpOAuthSpec,
+    inputs: Inputs,
+    tokens: TokenProvider,
+    *,
+    where: str,
+    now: datetime | None = None,
+) -> TestRecord:
+    """Acquire a token and authenticate to SMTP; the result, never an exception, for CheckFailed."""
+    started = now or datetime.now(UTC)
+    clock = time.monotonic()
+    request = token_request(spec, inputs)
+    target = smtp_target(spec, inputs)
+    message = None
+    if spec.test_message_to:
+        message = Message(
+            sender=spec.username,
+            to=(spec.test_message_to,),
+            subject="smtp-oauth-operator connection test",
+            body=f"This message tests the SMTP OAuth configuration {where}. No action is needed.\n",
+        )
+    failure: CheckFailed | None = None
+    sent = False
+    try:
+        token = await tokens.acquire(request)
+        try:
+            result = await authenticate(target, spec.username, token.value, message=message)
+            sent = result.sent is not None
+        except CheckFailed as exc:
+            if exc.reason is Reason.AUTHENTICATION_REJECTED:
+                tokens.invalidate(request)
+            raise
+    except CheckFailed as exc:
+        failure = exc
+    return TestRecord(
+        failure=failure,
+        tested_at=started,
+        duration=time.monotonic() - clock,
+        fingerprint=inputs.fingerprint,
+        token_endpoint=request.token_endpoint,
+        scope=spec.scope,
+        smtp_endpoint=target.describe(),
+        sent=sent,
+    )
+
+
+async def send_mail(
+    spec: SmtpOAuthSpec, inputs: Inputs, tokens: TokenProvider, to: tuple[str, ...], subject: str, body: str
+) -> None:
+    """Send one message through this very configuration (alarm e-mails); raises CheckFailed."""
+    token = await tokens.acquire(token_request(spec, inputs))
+    await authenticate(
+        smtp_target(spec, inputs),
+        spec.username,
+        token.value,
+        message=Message(sender=spec.username, to=to, subject=subject, body=body),
+    )

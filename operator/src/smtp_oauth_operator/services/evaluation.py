@@ -1,0 +1,164 @@
+"""One pass over one SmtpOAuthConfig: parse, resolve, test if due, and decide the status.
+
+Shared by the operator's reconciler (which then writes status, posts Events and schedules the next
+pass) and by the ``check`` CLI (which prints the decision). Nothing here writes anywhere.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from smtp_oauth_operator.clients.identity import TokenProvider
+from smtp_oauth_operator.domain import expiry as expiry_maths
+from smtp_oauth_operator.domain.protection import assess
+from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
+from smtp_oauth_operator.domain.spec import (
+    RECHECK_ANNOTATION,
+    SmtpOAuthSpec,
+    SpecError,
+    parse_spec,
+    parse_time,
+)
+from smtp_oauth_operator.domain.status import Decision, Observation, TestRecord, decide
+from smtp_oauth_operator.services.connection import Inputs, ObjectSource, resolve, run
+
+__all__ = ["Pass", "backoff", "evaluate"]
+
+# Transient failures retry at 30 s doubling to 30 min (never beyond the recheck interval); a
+# rejected credential waits for a change of the spec or the Secret, re-tested at the recheck interval.
+BACKOFF_BASE = timedelta(seconds=30)
+BACKOFF_CAP = timedelta(minutes=30)
+
+
+@dataclass(slots=True)
+class Pass:
+    decision: Decision
+    spec: SmtpOAuthSpec | None
+    inputs: Inputs | None
+    test: TestRecord | None
+    next_due: datetime | None
+
+
+def backoff(failures: int, interval: timedelta, retry_after: float | None) -> timedelta:
+    delay = min(BACKOFF_BASE * 2 ** max(failures - 1, 0), BACKOFF_CAP, interval)
+    if retry_after:
+        delay = max(delay, timedelta(seconds=min(retry_after, 3600)))
+    # Jitter spreads a fleet of resources that failed together (an outage) over the window.
+    jittered: timedelta = delay * random.uniform(0.9, 1.1)  # noqa: S311 - not cryptographic
+    return jittered
+
+
+def _due(
+    body: Mapping[str, Any], status: Mapping[str, Any], inputs: Inputs, spec: SmtpOAuthSpec, now: datetime
+) -> tuple[bool, datetime | None]:
+    """Whether a connection test is due now, and otherwise when it will be."""
+    generation = int(body.get("metadata", {}).get("generation") or 0)
+    recheck = (body.get("metadata", {}).get("annotations") or {}).get(RECHECK_ANNOTATION)
+    last = status.get("lastTestTime")
+    if (
+        not last
+        or status.get("observedGeneration") != generation
+        or status.get("observedFingerprint") != inputs.fingerprint
+        or (recheck is not None and status.get("handledRecheck") != recheck)
+    ):
+        return True, None
+    # The due time was decided (with backoff and jitter) when the last test ran; re-deciding it here
+    # would move it on every pass and turn each pass into a status write.
+    try:
+        due = parse_time(str(status.get("nextTestTime") or "")) if status.get("nextTestTime") else None
+        due = due or parse_time(str(last)) + spec.recheck_interval
+    except ValueError:
+        return True, None
+    due = min(due, parse_time(str(last)) + spec.recheck_interval)
+    return now >= due, due
+
+
+async def evaluate(
+    body: Mapping[str, Any],
+    source: ObjectSource,
+    tokens: TokenProvider,
+    *,
+    now: datetime,
+    force: bool = False,
+) -> Pass:
+    """Run one pass; ``force`` tests even when the last test is fresh (the CLI)."""
+    metadata = body.get("metadata") or {}
+    namespace = str(metadata.get("namespace") or "default")
+    name = str(metadata.get("name") or "?")
+    generation = int(metadata.get("generation") or 0)
+    status: Mapping[str, Any] = body.get("status") or {}
+    recheck = (metadata.get("annotations") or {}).get(RECHECK_ANNOTATION)
+    failures = int(status.get("consecutiveFailures") or 0)
+
+    try:
+        spec = parse_spec(body.get("spec"))
+    except SpecError as exc:
+        failure = CheckFailed(Reason.INVALID_SPEC, str(exc), condition=ConditionType.SECRET_RESOLVED)
+        record = TestRecord(failure, now, 0.0, fingerprint=f"invalid:{generation}")
+        observation = Observation(
+            generation=generation,
+            now=now,
+            client_id="?",
+            secret_name="?",
+            test=record,
+            expiry=expiry_maths.evaluate(None, now, ()),
+            protection=None,
+            policy="Warn",
+            handled_recheck=recheck,
+            next_test_time=None,
+            consecutive_failures=failures + 1,
+        )
+        return Pass(decide(status, observation), None, None, record, None)
+
+    secret_name = f"{namespace}/{spec.secret_ref.name}"
+    inputs: Inputs | None = None
+    record: TestRecord | None = None  # type: ignore[no-redef]
+    try:
+        inputs = await resolve(spec, namespace, generation, source)
+    except CheckFailed as exc:
+        fingerprint = f"unresolved:{generation}:{exc.reason}"
+        if (
+            force
+            or status.get("observedFingerprint") != fingerprint
+            or status.get("handledRecheck") != recheck
+        ):
+            record = TestRecord(exc, now, 0.0, fingerprint=fingerprint)
+
+    due_at: datetime | None = None
+    if inputs is not None:
+        due, due_at = _due(body, status, inputs, spec, now)
+        if due or force:
+            record = await run(spec, inputs, tokens, where=f"{namespace}/{name}", now=now)
+
+    if record is not None:
+        failures = failures + 1 if record.failure else 0
+        if record.failure is None:
+            due_at = now + spec.recheck_interval
+        elif record.failure.transient:
+            due_at = now + backoff(failures, spec.recheck_interval, record.failure.retry_after)
+        else:
+            due_at = now + spec.recheck_interval
+
+    expires_at = inputs.expires_at if inputs else spec.expires_at
+    expiry = expiry_maths.evaluate(expires_at, now, spec.warn_before_days)
+    protection = assess(secret_name, inputs.secret_metadata, spec.secret_policy) if inputs else None
+    observation = Observation(
+        generation=generation,
+        now=now,
+        client_id=spec.client_id,
+        secret_name=secret_name,
+        test=record,
+        expiry=expiry,
+        protection=protection,
+        policy=spec.secret_policy,
+        handled_recheck=recheck,
+        next_test_time=due_at,
+        consecutive_failures=failures,
+    )
+    decision = decide(status, observation)
+    next_due = min((t for t in (due_at, expiry.next_change) if t is not None), default=None)
+    return Pass(decision, spec, inputs, record, next_due)
