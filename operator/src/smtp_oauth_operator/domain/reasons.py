@@ -46,6 +46,7 @@ class Reason(enum.StrEnum):
     SECRET_KEY_NOT_FOUND = "SecretKeyNotFound"
     CA_BUNDLE_NOT_FOUND = "CaBundleNotFound"
     INVALID_SPEC = "InvalidSpec"
+    ACCESS_DENIED = "AccessDenied"
     # identity provider
     TENANT_NOT_FOUND = "TenantNotFound"
     APPLICATION_NOT_FOUND = "ApplicationNotFound"
@@ -149,6 +150,12 @@ _INFO: dict[Reason, ReasonInfo] = {
         transient=False,
         remedy="Create the referenced ConfigMap or Secret key holding PEM certificates, or fix the "
         "reference.",
+    ),
+    Reason.ACCESS_DENIED: ReasonInfo(
+        _S,
+        transient=True,
+        remedy="Grant the operator's ServiceAccount get, list and watch on Secrets and ConfigMaps in "
+        "this namespace (the chart's rbac values).",
     ),
     Reason.INVALID_SPEC: ReasonInfo(_S, transient=False, remedy="Fix the spec field named in the message."),
     Reason.TENANT_NOT_FOUND: ReasonInfo(

@@ -16,29 +16,16 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any
 
 from smtp_oauth_operator.clients.identity import TokenProvider, TokenRequest
 from smtp_oauth_operator.clients.smtp import Message, SmtpTarget, authenticate
+from smtp_oauth_operator.domain.objects import ObjectSource, SourceObject
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
 from smtp_oauth_operator.domain.spec import KeyRef, SmtpOAuthSpec, parse_time
 from smtp_oauth_operator.domain.status import TestRecord
 
 __all__ = ["Inputs", "ObjectSource", "SourceObject", "resolve", "run", "send_mail", "token_request"]
-
-
-@dataclass(frozen=True, slots=True)
-class SourceObject:
-    """A Secret or ConfigMap: ``data`` holds decoded text values (never logged)."""
-
-    data: Mapping[str, str] = field(repr=False)
-    metadata: Mapping[str, Any]
-
-
-class ObjectSource(Protocol):
-    async def read(
-        self, kind: Literal["Secret", "ConfigMap"], namespace: str, name: str
-    ) -> SourceObject | None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,170 @@
+"""The Kubernetes API, as this operator uses it: read Secrets/ConfigMaps, write status, post Events.
+
+Wraps the official ``kubernetes`` client (synchronous, so every call runs in a worker thread) and turns
+its ``ApiException`` into our own errors: a missing object is ``None``, a 403 is a classified
+:class:`CheckFailed` (AccessDenied) that the user sees in a condition, anything else is
+:class:`KubeUnavailable`, which the reconciler retries with backoff without touching status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import kubernetes
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
+from smtp_oauth_operator.domain.objects import SourceObject
+from smtp_oauth_operator.domain.reasons import CheckFailed, Reason
+from smtp_oauth_operator.domain.spec import GROUP, KIND, PLURAL, VERSION
+
+__all__ = ["Kube", "KubeUnavailable"]
+
+logger = logging.getLogger(__name__)
+COMPONENT = "smtp-oauth-operator"
+MAX_EVENT_MESSAGE = 1024
+
+
+class KubeUnavailable(ConnectionError):
+    """The API server failed or could not be reached; retry later."""
+
+
+def _timestamp(moment: datetime | None = None) -> str:
+    return (moment or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Kube:
+    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
+        self.api_client = api_client
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.instance = os.environ.get("POD_NAME") or socket.gethostname()
+
+    @classmethod
+    def from_environment(cls) -> Kube:
+        """In-cluster configuration when running in a Pod, else the kubeconfig (KUBECONFIG)."""
+        configuration = kubernetes.client.Configuration()
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config(client_configuration=configuration)
+        # The client retries 3 times by default, hiding an outage for minutes; the reconciler has its
+        # own backoff.
+        configuration.retries = urllib3.Retry(total=1, backoff_factor=0.2)
+        return cls(kubernetes.client.ApiClient(configuration))
+
+    def close(self) -> None:
+        self.api_client.close()
+
+    async def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args, _request_timeout=30, **kwargs)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            if exc.status == 403:
+                raise CheckFailed(
+                    Reason.ACCESS_DENIED,
+                    f"the operator's ServiceAccount may not {what} (HTTP 403 Forbidden)",
+                ) from None
+            raise KubeUnavailable(f"{what}: HTTP {exc.status} {exc.reason}") from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise KubeUnavailable(f"{what}: {type(exc).__name__}") from None
+
+    async def read(
+        self, kind: Literal["Secret", "ConfigMap"], namespace: str, name: str
+    ) -> SourceObject | None:
+        if kind == "Secret":
+            obj = await self._call(
+                f"get Secret {namespace}/{name}", self.core.read_namespaced_secret, name, namespace
+            )
+        else:
+            obj = await self._call(
+                f"get ConfigMap {namespace}/{name}", self.core.read_namespaced_config_map, name, namespace
+            )
+        if obj is None:
+            return None
+        metadata = self.api_client.sanitize_for_serialization(obj.metadata) or {}
+        data: dict[str, str] = {}
+        if kind == "Secret":
+            for key, value in (obj.data or {}).items():
+                try:
+                    data[key] = base64.b64decode(value).decode()
+                except (binascii.Error, UnicodeDecodeError):
+                    continue  # binary keys cannot be a client secret or a PEM bundle
+        else:
+            data.update(obj.data or {})
+        return SourceObject(data=data, metadata=metadata)
+
+    async def patch_status(
+        self, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """JSON-merge-patch ``status`` (absent keys must be given as None to be removed)."""
+        result: dict[str, Any] | None = await self._call(
+            f"patch {PLURAL}/status {namespace}/{name}",
+            self.custom.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"status": dict(status)},
+        )
+        return result
+
+    async def post_event(
+        self, body: Mapping[str, Any], type_: str, reason: str, message: str, *, now: datetime | None = None
+    ) -> None:
+        """Post a core/v1 Event about the resource (what kubectl describe and kubectl events show)."""
+        meta = body.get("metadata") or {}
+        stamp = _timestamp(now)
+        if len(message) > MAX_EVENT_MESSAGE:
+            message = message[: MAX_EVENT_MESSAGE - 1] + "…"
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "name": f"{meta.get('name')}.{uuid.uuid4().hex[:16]}",
+                "namespace": meta.get("namespace"),
+            },
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": KIND,
+                "name": meta.get("name"),
+                "namespace": meta.get("namespace"),
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message,
+            "source": {"component": COMPONENT},
+            "reportingComponent": f"{GROUP}/{COMPONENT}",
+            "reportingInstance": self.instance[:128],
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "eventTime": None,
+            "count": 1,
+            "action": "ConnectionTest",
+        }
+        try:
+            await self._call(
+                f"create events in {meta.get('namespace')}",
+                self.core.create_namespaced_event,
+                meta.get("namespace"),
+                event,
+            )
+        except (CheckFailed, KubeUnavailable) as exc:
+            # An Event is a notification, not state: losing one must not fail the pass.
+            logger.warning(
+                "Could not post Event %s for %s/%s: %s", reason, meta.get("namespace"), meta.get("name"), exc
+            )

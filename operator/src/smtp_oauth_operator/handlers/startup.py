@@ -1,0 +1,66 @@
+"""Process-wide objects: created at startup into kopf's ``memo``, closed at cleanup."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from smtp_oauth_operator.clients.identity import TokenProvider
+from smtp_oauth_operator.clients.kube import Kube
+from smtp_oauth_operator.clients.metrics import Metrics
+from smtp_oauth_operator.config import Settings
+from smtp_oauth_operator.domain.spec import GROUP
+from smtp_oauth_operator.services.reconciler import Reconciler
+
+__all__ = ["on_cleanup", "on_startup"]
+
+
+@kopf.on.startup()
+async def on_startup(
+    settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any
+) -> None:
+    # kopf's bookkeeping, if any handler ever needs it, goes under our group, never into status.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    # kopf would turn our log lines into Events; we post our own, on transitions only.
+    settings.posting.enabled = False
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 60
+
+    config = Settings.from_env()
+    metrics = Metrics()
+    metrics.serve(config.metrics_port, config.metrics_address)
+    kube = Kube.from_environment()
+    tokens = TokenProvider(on_request=metrics.token_request)
+    reconciler = Reconciler(kube, tokens, metrics, workers=config.workers)
+    reconciler.start()
+    memo.kube = kube
+    memo.metrics = metrics
+    memo.reconciler = reconciler
+    logger.info(
+        "smtp-oauth-operator started: %d workers, metrics port %s",
+        config.workers,
+        config.metrics_port or "off",
+    )
+
+
+@kopf.on.cleanup()
+async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
+    reconciler: Reconciler | None = getattr(memo, "reconciler", None)
+    if reconciler is not None:
+        await reconciler.stop()
+    kube: Kube | None = getattr(memo, "kube", None)
+    if kube is not None:
+        kube.close()
+
+
+@kopf.on.probe(id="reconciler")
+def reconciler_alive(memo: kopf.Memo, **_: Any) -> bool:
+    reconciler: Reconciler | None = getattr(memo, "reconciler", None)
+    return reconciler is not None and reconciler.alive
