@@ -62,16 +62,13 @@ def tls_context(ca_pem: str | None) -> ssl.SSLContext:
     return context
 
 
-async def _connect_via_proxy(target: SmtpTarget) -> socket.socket:
-    """Open a TCP tunnel with HTTP CONNECT and return its socket for aiosmtplib's ``sock=``."""
+def _tunnel(target: SmtpTarget) -> socket.socket:
+    """Blocking HTTP CONNECT handshake (run in a thread); returns the tunnelled socket."""
     proxy = urlsplit(target.proxy_url or "")
-    proxy_host = proxy.hostname or ""
-    proxy_port = proxy.port or (443 if proxy.scheme == "https" else 80)
+    proxy_port = proxy.port or 80
+    authority = f"{target.host}:{target.port}"
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(proxy_host, proxy_port, ssl=proxy.scheme == "https"),
-            target.timeout,
-        )
+        sock = socket.create_connection((proxy.hostname or "", proxy_port), timeout=target.timeout)
     except TimeoutError:
         raise CheckFailed(
             Reason.SMTP_CONNECTION_TIMEOUT,
@@ -83,32 +80,29 @@ async def _connect_via_proxy(target: SmtpTarget) -> socket.socket:
             f"cannot connect to the proxy {proxy.netloc} ({exc.strerror or exc})",
         ) from None
     try:
-        authority = f"{target.host}:{target.port}"
-        writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), target.timeout)
-    except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-        writer.close()
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 16384:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    except OSError:
+        sock.close()
         raise CheckFailed(
             Reason.SMTP_CONNECTION_TIMEOUT,
-            f"the proxy {proxy.netloc} did not open a tunnel to {target.host}:{target.port} "
-            f"within {target.timeout:g} s",
+            f"the proxy {proxy.netloc} did not open a tunnel to {authority} within {target.timeout:g} s",
         ) from None
     status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
     parts = status_line.split(" ", 2)
-    if len(parts) < 2 or parts[1] != "200":
-        writer.close()
+    if len(parts) < 2 or parts[1] != "200" or b"\r\n\r\n" not in head:
+        sock.close()
         raise CheckFailed(
             Reason.SMTP_CONNECTION_REFUSED,
-            f"the proxy {proxy.netloc} refused the tunnel to {target.host}:{target.port}: "
-            f"{quote_reply(status_line)}",
+            f"the proxy {proxy.netloc} refused the tunnel to {authority}: {quote_reply(status_line) or 'no answer'}",
         )
-    sock: socket.socket = writer.get_extra_info("socket")
-    # Detach the socket from asyncio's transport so aiosmtplib can own it.
-    duplicate = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
-    writer.transport.abort()
-    duplicate.setblocking(False)
-    return duplicate
+    sock.setblocking(False)
+    return sock
 
 
 def _reply(exc: aiosmtplib.SMTPResponseException, secrets: tuple[str, ...]) -> str:
@@ -128,7 +122,7 @@ async def authenticate(
     result = SmtpResult()
     context = tls_context(target.ca_pem)
     where = target.describe()
-    sock = await _connect_via_proxy(target) if target.proxy_url else None
+    sock = await asyncio.to_thread(_tunnel, target) if target.proxy_url else None
     smtp = aiosmtplib.SMTP(
         hostname=target.host,
         port=None if sock else target.port,

@@ -1,0 +1,318 @@
+"""Every failure reason of the contract, produced for real by ``smtp-oauth-operator check``.
+
+Each case sets up the local peers the way the failure happens in production (a wrong secret, a
+throttling identity provider, a server without STARTTLS, a proxy, a certificate nobody trusts…),
+runs the CLI in-process and checks the exit code, the Ready reason, the failing step's condition and
+that the leak canary (the client secret) and every issued token are absent from all output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from tests.integration.conftest import CANARY, CLIENT, MAILBOX, TENANT, Peers
+
+from smtp_oauth_operator import cli
+from smtp_oauth_operator.testing.peers import GarbageSmtpServer, HttpConnectProxy, SilentServer, closed_port
+from smtp_oauth_operator.testing.smtpd import FakeExchange
+
+
+def run_check(
+    peers: Peers, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, path: Any
+) -> tuple[int, dict[str, Any]]:
+    caplog.set_level(logging.DEBUG)
+    code = cli.main(["check", "-f", str(path), "-o", "json"])
+    out, err = capsys.readouterr()
+    # The fake servers share this process; only what the client side logs is the operator's output.
+    ours = [r for r in caplog.records if not r.name.startswith(("mail.log", "smtp_oauth_operator.testing"))]
+    everything = out + err + "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in ours)
+    assert CANARY not in everything
+    for token in peers.idp.issued_tokens:
+        assert token not in everything
+    results = json.loads(out)
+    assert len(results) == 1
+    return code, results[0]
+
+
+def conditions(result: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in result["conditions"]}
+
+
+Setup = Callable[[Peers], Any]
+
+
+def _spec(**overrides: Any) -> Setup:
+    return lambda p: p.manifests(p.spec(**overrides))
+
+
+def _idp(action: Callable[[Peers], None], **overrides: Any) -> Setup:
+    def setup(p: Peers) -> Any:
+        action(p)
+        return p.manifests(p.spec(**overrides))
+
+    return setup
+
+
+def _smtp_server(server: Callable[[Peers], Any], **overrides: Any) -> Setup:
+    """Point spec.smtp at another server; it is stopped by the test's cleanup list."""
+
+    def setup(p: Peers) -> Any:
+        srv = server(p)
+        srv.start()
+        p.servers.append(srv)
+        port = srv.port
+        return p.manifests(p.spec(**{"smtp.port": port, **overrides}))
+
+    return setup
+
+
+CASES: list[tuple[str, Setup, str, str]] = [
+    ("secret-missing", lambda p: p.manifests(secret=False), "SecretNotFound", "SecretResolved"),
+    (
+        "secret-key-missing",
+        _spec(**{"identity.clientSecret": {"secretKeyRef": {"name": "exo-app", "key": "nope"}}}),
+        "SecretKeyNotFound",
+        "SecretResolved",
+    ),
+    (
+        "ca-bundle-missing",
+        _spec(**{"smtp.caBundle": {"configMapKeyRef": {"name": "trust", "key": "missing.pem"}}}),
+        "CaBundleNotFound",
+        "SecretResolved",
+    ),
+    (
+        "ca-bundle-not-pem",
+        _spec(**{"smtp.caBundle": {"secretKeyRef": {"name": "exo-app", "key": "client-secret"}}}),
+        "CaBundleNotFound",
+        "SecretResolved",
+    ),
+    ("invalid-spec", _spec(**{"identity.clientId": "not-a-guid"}), "InvalidSpec", "SecretResolved"),
+    (
+        "tenant-unknown",
+        _spec(**{"identity.tenantId": "33333333-3333-4333-8333-333333333333"}),
+        "TenantNotFound",
+        "TokenAcquired",
+    ),
+    (
+        "application-unknown",
+        _spec(**{"identity.clientId": "44444444-4444-4444-8444-444444444444"}),
+        "ApplicationNotFound",
+        "TokenAcquired",
+    ),
+    (
+        "client-secret-wrong",
+        lambda p: (setattr(p, "secret", "the-secret-ID-not-its-value"), p.manifests())[1],
+        "InvalidClientSecret",
+        "TokenAcquired",
+    ),
+    (
+        "client-secret-expired",
+        _idp(lambda p: p.idp.set_secret(TENANT, CLIENT, CANARY, expired=True)),
+        "ClientSecretExpired",
+        "TokenAcquired",
+    ),
+    (
+        "exchange-not-in-tenant",
+        _idp(
+            lambda p: (
+                p.idp.register_tenant(TENANT, "contoso.onmicrosoft.com", resources=())
+                or p.idp.register_app(TENANT, CLIENT, CANARY)
+            )
+        ),
+        "InvalidScope",
+        "TokenAcquired",
+    ),
+    ("throttled", _idp(lambda p: p.idp.throttle(retry_after=60)), "Throttled", "TokenAcquired"),
+    (
+        "throttled-json",
+        _idp(lambda p: p.idp.throttle(retry_after=30, json_body=True)),
+        "Throttled",
+        "TokenAcquired",
+    ),
+    ("idp-5xx", _idp(lambda p: p.idp.fail(status=503)), "IdentityProviderUnavailable", "TokenAcquired"),
+    (
+        "idp-discovery-5xx",
+        _idp(lambda p: p.idp.fail(status=500, endpoint="discovery")),
+        "IdentityProviderUnavailable",
+        "TokenAcquired",
+    ),
+    (
+        "idp-refused",
+        lambda p: p.manifests(p.spec(**{"identity.authorityHost": f"https://127.0.0.1:{closed_port()}"})),
+        "IdentityProviderUnreachable",
+        "TokenAcquired",
+    ),
+    (
+        "idp-timeout",
+        _idp(lambda p: p.idp.hang(), **{"identity.timeoutSeconds": 1}),
+        "IdentityProviderUnreachable",
+        "TokenAcquired",
+    ),
+    (
+        "idp-untrusted-certificate",
+        _spec(**{"identity.caBundle": None}),
+        "TLSVerificationFailed",
+        "TokenAcquired",
+    ),
+    (
+        "smtp-untrusted-certificate",
+        _spec(**{"smtp.caBundle": None}),
+        "TLSVerificationFailed",
+        "SmtpAuthenticated",
+    ),
+    (
+        "smtp-silent",
+        _smtp_server(lambda p: SilentServer(), **{"smtp.connectionTimeoutSeconds": 1}),
+        "SmtpConnectionTimeout",
+        "SmtpAuthenticated",
+    ),
+    (
+        "smtp-refused",
+        lambda p: p.manifests(p.spec(**{"smtp.port": closed_port()})),
+        "SmtpConnectionRefused",
+        "SmtpAuthenticated",
+    ),
+    (
+        "smtp-host-unknown",
+        _spec(**{"smtp.host": "smtp.invalid"}),
+        "SmtpConnectionRefused",
+        "SmtpAuthenticated",
+    ),
+    (
+        "no-starttls",
+        _smtp_server(lambda p: FakeExchange(p.idp, offer_starttls=False)),
+        "StartTLSNotOffered",
+        "SmtpAuthenticated",
+    ),
+    (
+        "no-xoauth2",
+        _smtp_server(lambda p: FakeExchange(p.idp, cert=p.cert, offer_xoauth2=False)),
+        "XOAuth2NotOffered",
+        "SmtpAuthenticated",
+    ),
+    (
+        "mailbox-permission-missing",
+        _idp(lambda p: p.smtp.revoke(MAILBOX, CLIENT)),
+        "AuthenticationRejected",
+        "SmtpAuthenticated",
+    ),
+    (
+        "smtp-auth-disabled-tenant",
+        _smtp_server(lambda p: _granted(FakeExchange(p.idp, cert=p.cert, auth_disabled="tenant"))),
+        "SmtpAuthDisabled",
+        "SmtpAuthenticated",
+    ),
+    (
+        "smtp-auth-disabled-mailbox",
+        _idp(lambda p: p.smtp.set_mailbox_smtp_auth(MAILBOX, disabled=True)),
+        "SmtpAuthDisabled",
+        "SmtpAuthenticated",
+    ),
+    (
+        "garbage-after-greeting",
+        _smtp_server(lambda p: GarbageSmtpServer()),
+        "UnexpectedResponse",
+        "SmtpAuthenticated",
+    ),
+    (
+        "garbage-greeting",
+        _smtp_server(lambda p: GarbageSmtpServer(greet_with_garbage=True)),
+        "UnexpectedResponse",
+        "SmtpAuthenticated",
+    ),
+]
+
+
+def _granted(server: FakeExchange) -> FakeExchange:
+    server.grant(MAILBOX, CLIENT)
+    return server
+
+
+@pytest.mark.parametrize(("setup", "reason", "step"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_check_reports_reason(
+    peers: Peers,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    setup: Setup,
+    reason: str,
+    step: str,
+) -> None:
+    path = setup(peers)
+    try:
+        code, result = run_check(peers, capsys, caplog, path)
+    finally:
+        for server in peers.servers:
+            server.stop()
+    assert code == 1
+    assert result["ready"] is False
+    assert result["reason"] == reason, result["message"]
+    assert conditions(result)["Ready"] == ("False", reason)
+    assert conditions(result)[step] == ("False", reason)
+    assert result["message"]
+
+
+def test_check_ready(
+    peers: Peers, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    code, result = run_check(peers, capsys, caplog, peers.manifests())
+    assert code == 0
+    assert result["ready"] is True
+    assert result["reason"] == "ConnectionTested"
+    conds = conditions(result)
+    for step, ok in (
+        ("SecretResolved", "Resolved"),
+        ("TokenAcquired", "TokenIssued"),
+        ("SmtpAuthenticated", "Authenticated"),
+    ):
+        assert conds[step] == ("True", ok)
+    assert result["tokenEndpoint"] == f"{peers.idp.authority_host}/{TENANT}/oauth2/v2.0/token"
+    assert peers.smtp.auth_attempts[-1].user == MAILBOX
+
+
+def test_check_sends_test_message(
+    peers: Peers, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    code, result = run_check(
+        peers, capsys, caplog, peers.manifests(peers.spec(**{"testMessage.to": "ops@contoso.com"}))
+    )
+    assert code == 0, result
+    messages = peers.smtp.wait_for_messages(1)
+    assert list(messages[0].rcpt_tos) == ["ops@contoso.com"]
+
+
+def test_check_through_connect_proxy(
+    peers: Peers, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with HttpConnectProxy() as proxy:
+        spec = peers.spec(**{"proxy.url": f"http://127.0.0.1:{proxy.port}"})
+        code, result = run_check(peers, capsys, caplog, peers.manifests(spec))
+        assert code == 0, result["message"]
+        targets = proxy.targets
+    assert f"127.0.0.1:{peers.idp.port}" in targets
+    assert f"127.0.0.1:{peers.smtp.port}" in targets
+
+
+def test_check_proxy_down_is_unreachable(
+    peers: Peers, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = peers.spec(**{"proxy.url": f"http://127.0.0.1:{closed_port()}"})
+    code, result = run_check(peers, capsys, caplog, peers.manifests(spec))
+    assert code == 1
+    assert result["reason"] == "IdentityProviderUnreachable"
+    assert "proxy" in result["message"]
+
+
+def test_check_exit_code_2_on_unusable_input(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: [unclosed\n")
+    assert cli.main(["check", "-f", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert cli.main(["check", "-f", str(tmp_path / "missing.yaml")]) == 2
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    assert cli.main(["check", "-f", str(empty)]) == 2
+    assert "no SmtpOAuthConfig" in capsys.readouterr().err
