@@ -121,7 +121,8 @@ class SmtpOAuthSpec:
         return f"{self.authority}/oauth2/v2.0/token"
 
 
-_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+# Digit counts bounded so that no value overflows Go's time.Duration (the CRD's CEL duration()) or timedelta.
+_DURATION = re.compile(r"^(?:([0-9]{1,6})h)?(?:([0-9]{1,7})m)?(?:([0-9]{1,8})s)?$")
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z]{2,63}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
@@ -234,6 +235,11 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
         raise SpecError("identity.clientId", "must be the application (client) ID, a GUID")
     authority_host = _https_url(ident.text("authorityHost", cloud.authority_host), "identity.authorityHost")
     scope = ident.text("scope", cloud.scope)
+    if not scope.endswith("/.default"):
+        # The client-credentials flow only grants a resource's /.default scope (AADSTS1002012 otherwise).
+        raise SpecError(
+            "identity.scope", "must end in /.default, e.g. https://outlook.office365.com/.default"
+        )
 
     secret = ident.sub("clientSecret")
     secret_ref_r = secret.sub("secretKeyRef")
@@ -272,11 +278,15 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
         isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 3650 for d in warn_raw
     ):
         raise SpecError("alarms.warnBeforeDays", "must be a list of whole days between 1 and 3650")
+    if len(warn_raw) > 10:
+        raise SpecError("alarms.warnBeforeDays", "must have at most 10 items")
     notify_raw = alarms.sub("notify").data.get("to", [])
     if not isinstance(notify_raw, list) or not all(
         isinstance(a, str) and _EMAIL.match(a) for a in notify_raw
     ):
         raise SpecError("alarms.notify.to", "must be a list of mail addresses")
+    if len(notify_raw) > 20:
+        raise SpecError("alarms.notify.to", "must have at most 20 items")
 
     policy = r.enum("secretPolicy", "Warn", ("Warn", "Require", "Ignore"))
 
