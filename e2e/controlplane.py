@@ -262,9 +262,7 @@ class _CA:
                 critical=True,
             )
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,
@@ -332,7 +330,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)
-    except Exception:  # noqa: BLE001, S110 - best effort (non-glibc systems)
+    except Exception:
         pass
 
 
@@ -437,7 +435,8 @@ class ControlPlane:
 
         Helm's and kubectl's caches go into the work dir so tests don't touch ~/.cache.
         """
-        assert self.bin_dir is not None and self.kubeconfig is not None, "not started"
+        assert self.bin_dir is not None, "not started"
+        assert self.kubeconfig is not None, "not started"
         env = dict(os.environ)
         env["KUBECONFIG"] = str(kubeconfig if kubeconfig is not None else self.kubeconfig)
         env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
@@ -581,9 +580,7 @@ class ControlPlane:
             ],
             ip_addresses=["127.0.0.1", SERVICE_IP],
         )
-        admin_cert, admin_key = client_ca.issue(
-            "admin", organizations=["system:masters"], client=True
-        )
+        admin_cert, admin_key = client_ca.issue("admin", organizations=["system:masters"], client=True)
         sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
         files = {
@@ -621,10 +618,9 @@ class ControlPlane:
             },
         )
 
-    def _write_kubeconfig(
-        self, path: Path, *, user: Mapping[str, str], namespace: str | None = None
-    ) -> None:
-        assert self.ca_file is not None and self.server is not None
+    def _write_kubeconfig(self, path: Path, *, user: Mapping[str, str], namespace: str | None = None) -> None:
+        assert self.ca_file is not None
+        assert self.server is not None
         context: dict[str, str] = {"cluster": "e2e", "user": "e2e-user"}
         if namespace:
             context["namespace"] = namespace
@@ -818,7 +814,7 @@ def _b64(data: bytes) -> str:
 
 def _http_ok(url: str, *, ctx: ssl.SSLContext | None = None, expect: bytes | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=5, context=ctx) as resp:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=5, context=ctx) as resp:
             body = resp.read()
             return resp.status == 200 and (expect is None or expect in body.replace(b" ", b""))
     except (urllib.error.URLError, OSError, ssl.SSLError):
@@ -843,25 +839,25 @@ def _cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGHUP, handler)
     signal.signal(signal.SIGINT, handler)
-    cp = ControlPlane(
-        args.bin_dir, controller_manager=args.controller_manager, keep_workdir=args.keep
-    )
+    cp = ControlPlane(args.bin_dir, controller_manager=args.controller_manager, keep_workdir=args.keep)
     with cp:
         assert cp.kubeconfig is not None
         kubeconfig = cp.kubeconfig
         if args.kubeconfig:
             kubeconfig = Path(args.kubeconfig).resolve()
-            shutil.copyfile(cp.kubeconfig, kubeconfig)
-            kubeconfig.chmod(0o600)
+            tmp = kubeconfig.with_name(kubeconfig.name + ".tmp")
+            shutil.copyfile(cp.kubeconfig, tmp)
+            tmp.chmod(0o600)
+            tmp.replace(kubeconfig)  # atomic: a script polling for the file never reads half of it
         print(f"export KUBECONFIG={kubeconfig}")
         print(f"export PATH={cp.bin_dir}:$PATH")
         print(f"# server {cp.server}; logs in {cp.workdir}; Ctrl-C or SIGTERM to stop")
         sys.stdout.flush()
         while not stop.wait(1.0):
             if not cp.is_running():
-                names = [n for n, p in cp._procs.items() if p.poll() is not None]  # noqa: SLF001
+                names = [n for n, p in cp._procs.items() if p.poll() is not None]
                 print(f"control plane component(s) died: {names}", file=sys.stderr)
-                cp._failed = True  # noqa: SLF001
+                cp._failed = True
                 return 1
         print("stopping control plane ...", file=sys.stderr)
     if args.kubeconfig:

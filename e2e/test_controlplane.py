@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from e2e.controlplane import ControlPlane, port_is_free
 
 pytestmark = pytest.mark.e2e
@@ -79,10 +78,12 @@ def test_serviceaccount_token_is_authenticated_and_rbac_enforced(
 
     # Not granted anything yet: RBAC says no, for real.
     can = cp.kubectl("auth", "can-i", "get", "configmaps", kubeconfig=kubeconfig, check=False)
-    assert can.returncode == 1 and can.stdout.strip() == "no", can
+    assert can.stdout.strip() == "no", can
+    assert can.returncode == 1, can
     denied = cp.kubectl("get", "configmap", "cm1", kubeconfig=kubeconfig, check=False)
     assert denied.returncode != 0
-    assert "Forbidden" in denied.stderr and f"system:serviceaccount:{ns}:robot" in denied.stderr
+    assert "Forbidden" in denied.stderr
+    assert f"system:serviceaccount:{ns}:robot" in denied.stderr
     assert _raw_get(cp, f"/api/v1/namespaces/{ns}/configmaps/cm1", token) == 403
     assert _raw_get(cp, f"/api/v1/namespaces/{ns}/configmaps/cm1", "not-a-token") == 401
 
@@ -93,7 +94,8 @@ def test_serviceaccount_token_is_authenticated_and_rbac_enforced(
         "--role=cm-reader", f"--serviceaccount={ns}:robot",
     )  # fmt: skip
     can = cp.kubectl("auth", "can-i", "get", "configmaps", kubeconfig=kubeconfig, check=False)
-    assert can.returncode == 0 and can.stdout.strip() == "yes", can
+    assert can.stdout.strip() == "yes", can
+    assert can.returncode == 0, can
     got = json.loads(cp.kubectl("get", "configmap", "cm1", "-o", "json", kubeconfig=kubeconfig).stdout)
     assert got["data"] == {"k": "v"}
     assert _raw_get(cp, f"/api/v1/namespaces/{ns}/configmaps/cm1", token) == 200
@@ -147,7 +149,8 @@ def test_helm_install_and_uninstall(control_plane: ControlPlane, tmp_path: Path)
 
     cp.helm("uninstall", "tiny", "-n", ns)
     gone = cp.kubectl("get", "configmap", "tiny-cm", "-n", ns, check=False)
-    assert gone.returncode != 0 and "NotFound" in gone.stderr
+    assert gone.returncode != 0
+    assert "NotFound" in gone.stderr
     assert json.loads(cp.helm("list", "-n", ns, "-o", "json").stdout) == []
 
 
@@ -174,7 +177,8 @@ def test_stop_leaves_no_process_or_port_behind(k8s_bin_dir: Path) -> None:
         pids = cp.all_pids
         ports = dict(cp.ports)
         workdir = cp.workdir
-        assert len(pids) == 2 and len(ports) == 3
+        assert len(pids) == 2
+        assert len(ports) == 3
         assert not any(port_is_free(p) for p in ports.values())
         cp.kubectl("get", "ns")
     # context exit stopped it
@@ -186,4 +190,5 @@ def test_stop_leaves_no_process_or_port_behind(k8s_bin_dir: Path) -> None:
             os.killpg(pid, 0)  # nothing left in the component's process group either
     for name, port in ports.items():
         assert port_is_free(port), f"{name} port {port} still in use"
-    assert workdir is not None and not workdir.exists()
+    assert workdir is not None
+    assert not workdir.exists()
