@@ -140,6 +140,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     chk = sub.add_parser("check", help="test SmtpOAuthConfig manifests against the real endpoints")
     chk.add_argument("-f", "--filename", action="append", required=True, help="manifest file (- for stdin)")
     chk.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    run = sub.add_parser(
+        "run", help="run the operator (kopf) against the current kubeconfig or in-cluster config"
+    )
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", help="watch only this namespace (repeatable)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch all namespaces (default)")
+    run.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)"
+    )
+    run.add_argument("--workers", type=int, default=8, help="connection tests run at once")
+    run.add_argument(
+        "--liveness", default=None, help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz"
+    )
+    run.add_argument(
+        "--peering", default=None, help="kopf peering name for a hot standby (default: standalone)"
+    )
+    run.add_argument("--log-format", choices=("plain", "full", "json"), default="full")
+    run.add_argument("--log-level", choices=("warning", "info", "debug"), default="info")
     args = parser.parse_args(argv)
 
     if args.command == "check":
@@ -153,7 +171,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             _print_text(results)
         return 0 if all(r["ready"] for r in results) else 1
+    if args.command == "run":
+        return _run(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Translate our flags into kopf's and run it in this process."""
+    import os  # noqa: PLC0415 - only the run command needs the environment
+
+    from kopf import cli as kopf_cli  # noqa: PLC0415 - keep `check` free of kopf's start-up cost
+
+    os.environ["SMTPOAUTH_METRICS_PORT"] = str(args.metrics_port)
+    os.environ["SMTPOAUTH_WORKERS"] = str(args.workers)
+    kopf_args = ["run", "-m", "smtp_oauth_operator.main", f"--log-format={args.log_format}"]
+    if args.namespace:
+        for namespace in args.namespace:
+            kopf_args += ["--namespace", namespace]
+    else:
+        kopf_args.append("--all-namespaces")
+    kopf_args += [f"--peering={args.peering}"] if args.peering else ["--standalone"]
+    if args.liveness:
+        kopf_args.append(f"--liveness={args.liveness}")
+    if args.log_level == "debug":
+        kopf_args.append("--debug")
+    elif args.log_level == "info":
+        kopf_args.append("--verbose")
+    else:
+        kopf_args.append("--quiet")
+    try:
+        kopf_cli.main(args=kopf_args, prog_name="smtp-oauth-operator", standalone_mode=False)
+    except KeyboardInterrupt:
+        return 0
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
