@@ -24,10 +24,10 @@ from smtp_oauth_operator.domain.spec import parse_time
 
 __all__ = [
     "Alarm",
+    "ConnectionTestResult",
     "Decision",
     "Event",
     "Observation",
-    "TestRecord",
     "decide",
     "timestamp",
 ]
@@ -49,7 +49,7 @@ def timestamp(moment: datetime) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class TestRecord:
+class ConnectionTestResult:
     """The outcome of one connection test."""
 
     failure: CheckFailed | None
@@ -68,7 +68,7 @@ class Observation:
     now: datetime
     client_id: str
     secret_name: str
-    test: TestRecord | None
+    test: ConnectionTestResult | None
     expiry: ExpiryState
     protection: Protection | None
     policy: str
@@ -130,7 +130,7 @@ def _condition(
 
 
 def _step_conditions(
-    prev_conditions: Sequence[Mapping[str, Any]], test: TestRecord
+    prev_conditions: Sequence[Mapping[str, Any]], test: ConnectionTestResult
 ) -> dict[ConditionType, tuple[str, str, str]]:
     failed_at = test.failure.condition if test.failure else None
     if failed_at is ConditionType.READY:  # a failure before any step (an invalid spec)

@@ -4,7 +4,7 @@
    referenced Secret/ConfigMaps (through an :class:`ObjectSource`: the API server, or manifests);
 2. acquire a token (clients/identity.py);
 3. authenticate to SMTP with XOAUTH2 after TLS, optionally send a test message (clients/smtp.py).
-Each step raises :class:`CheckFailed` with its reason; :func:`run` turns that into a TestRecord.
+Each step raises :class:`CheckFailed` with its reason; :func:`run` turns that into a ConnectionTestResult.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from smtp_oauth_operator.clients.smtp import Message, SmtpTarget, authenticate
 from smtp_oauth_operator.domain.objects import ObjectSource, SourceObject
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
 from smtp_oauth_operator.domain.spec import KeyRef, SmtpOAuthSpec, parse_time
-from smtp_oauth_operator.domain.status import TestRecord
+from smtp_oauth_operator.domain.status import ConnectionTestResult
 
 __all__ = ["Inputs", "ObjectSource", "SourceObject", "resolve", "run", "send_mail", "token_request"]
 
@@ -152,7 +152,7 @@ async def run(
     *,
     where: str,
     now: datetime | None = None,
-) -> TestRecord:
+) -> ConnectionTestResult:
     """Acquire a token and authenticate to SMTP; the result, never an exception, for CheckFailed."""
     started = now or datetime.now(UTC)
     clock = time.monotonic()
@@ -179,7 +179,7 @@ async def run(
             raise
     except CheckFailed as exc:
         failure = exc
-    return TestRecord(
+    return ConnectionTestResult(
         failure=failure,
         tested_at=started,
         duration=time.monotonic() - clock,

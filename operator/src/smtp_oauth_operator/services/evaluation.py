@@ -23,7 +23,7 @@ from smtp_oauth_operator.domain.spec import (
     parse_spec,
     parse_time,
 )
-from smtp_oauth_operator.domain.status import Decision, Observation, TestRecord, decide
+from smtp_oauth_operator.domain.status import ConnectionTestResult, Decision, Observation, decide
 from smtp_oauth_operator.services.connection import Inputs, ObjectSource, resolve, run
 
 __all__ = ["Pass", "backoff", "evaluate"]
@@ -39,7 +39,7 @@ class Pass:
     decision: Decision
     spec: SmtpOAuthSpec | None
     inputs: Inputs | None
-    test: TestRecord | None
+    test: ConnectionTestResult | None
     next_due: datetime | None
 
 
@@ -98,7 +98,7 @@ async def evaluate(
         spec = parse_spec(body.get("spec"))
     except SpecError as exc:
         failure = CheckFailed(Reason.INVALID_SPEC, str(exc), condition=ConditionType.SECRET_RESOLVED)
-        record = TestRecord(failure, now, 0.0, fingerprint=f"invalid:{generation}")
+        record = ConnectionTestResult(failure, now, 0.0, fingerprint=f"invalid:{generation}")
         observation = Observation(
             generation=generation,
             now=now,
@@ -116,7 +116,7 @@ async def evaluate(
 
     secret_name = f"{namespace}/{spec.secret_ref.name}"
     inputs: Inputs | None = None
-    record: TestRecord | None = None  # type: ignore[no-redef]
+    record: ConnectionTestResult | None = None  # type: ignore[no-redef]
     try:
         inputs = await resolve(spec, namespace, generation, source)
     except CheckFailed as exc:
@@ -126,7 +126,7 @@ async def evaluate(
             or status.get("observedFingerprint") != fingerprint
             or status.get("handledRecheck") != recheck
         ):
-            record = TestRecord(exc, now, 0.0, fingerprint=fingerprint)
+            record = ConnectionTestResult(exc, now, 0.0, fingerprint=fingerprint)
 
     due_at: datetime | None = None
     if inputs is not None:
