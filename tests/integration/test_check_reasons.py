@@ -213,6 +213,12 @@ CASES: list[tuple[str, Setup, str, str]] = [
         "SmtpAuthenticated",
     ),
     (
+        "send-as-denied",
+        _spec(**{"testMessage.to": "ops@contoso.com", "testMessage.from": "ceo@contoso.com"}),
+        "SendRejected",
+        "SmtpAuthenticated",
+    ),
+    (
         "garbage-after-greeting",
         _smtp_server(lambda p: GarbageSmtpServer()),
         "UnexpectedResponse",

@@ -7,6 +7,7 @@ written before a schema tightened. It raises :class:`SpecError` with the field p
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ __all__ = [
     "parse_duration",
     "parse_spec",
     "parse_time",
+    "recheck_token",
 ]
 
 GROUP = "smtpoauth.dev"
@@ -106,6 +108,7 @@ class SmtpOAuthSpec:
     expires_at_key: str | None
     proxy_url: str | None
     test_message_to: str | None
+    test_message_from: str | None
     recheck_interval: timedelta
     warn_before_days: tuple[int, ...] = DEFAULT_WARN_BEFORE_DAYS
     notify_to: tuple[str, ...] = ()
@@ -126,6 +129,17 @@ _DURATION = re.compile(r"^(?:([0-9]{1,6})h)?(?:([0-9]{1,7})m)?(?:([0-9]{1,8})s)?
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z]{2,63}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
+
+
+def recheck_token(annotations: Mapping[str, Any] | None) -> str | None:
+    """The ``smtpoauth.dev/recheck`` annotation as stored in status.handledRecheck (≤ 1024 chars)."""
+    value = (annotations or {}).get(RECHECK_ANNOTATION)
+    if value is None:
+        return None
+    value = str(value)
+    if len(value) <= 128:
+        return value
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
 
 
 def parse_duration(text: str) -> timedelta:
@@ -264,6 +278,9 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
     test_to = r.sub("testMessage").opt_text("to")
     if test_to is not None and not _EMAIL.match(test_to):
         raise SpecError("testMessage.to", "must be a mail address")
+    test_from = r.sub("testMessage").opt_text("from")
+    if test_from is not None and not _EMAIL.match(test_from):
+        raise SpecError("testMessage.from", "must be a mail address")
 
     try:
         recheck = parse_duration(r.text("recheckInterval", "1h"))
@@ -309,6 +326,7 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
         expires_at_key=expires_at_key,
         proxy_url=proxy_url.rstrip("/") if proxy_url else None,
         test_message_to=test_to,
+        test_message_from=test_from,
         recheck_interval=recheck,
         warn_before_days=tuple(sorted(set(warn_raw), reverse=True)),
         notify_to=tuple(notify_raw),

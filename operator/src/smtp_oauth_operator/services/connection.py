@@ -161,7 +161,7 @@ async def run(
     message = None
     if spec.test_message_to:
         message = Message(
-            sender=spec.username,
+            sender=spec.test_message_from or spec.username,
             to=(spec.test_message_to,),
             subject="smtp-oauth-operator connection test",
             body=f"This message tests the SMTP OAuth configuration {where}. No action is needed.\n",

@@ -17,11 +17,11 @@ from smtp_oauth_operator.domain import expiry as expiry_maths
 from smtp_oauth_operator.domain.protection import assess
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
 from smtp_oauth_operator.domain.spec import (
-    RECHECK_ANNOTATION,
     SmtpOAuthSpec,
     SpecError,
     parse_spec,
     parse_time,
+    recheck_token,
 )
 from smtp_oauth_operator.domain.status import ConnectionTestResult, Decision, Observation, decide
 from smtp_oauth_operator.services.connection import Inputs, ObjectSource, resolve, run
@@ -57,7 +57,7 @@ def _due(
 ) -> tuple[bool, datetime | None]:
     """Whether a connection test is due now, and otherwise when it will be."""
     generation = int(body.get("metadata", {}).get("generation") or 0)
-    recheck = (body.get("metadata", {}).get("annotations") or {}).get(RECHECK_ANNOTATION)
+    recheck = recheck_token(body.get("metadata", {}).get("annotations"))
     last = status.get("lastTestTime")
     if (
         not last
@@ -91,7 +91,7 @@ async def evaluate(
     name = str(metadata.get("name") or "?")
     generation = int(metadata.get("generation") or 0)
     status: Mapping[str, Any] = body.get("status") or {}
-    recheck = (metadata.get("annotations") or {}).get(RECHECK_ANNOTATION)
+    recheck = recheck_token(metadata.get("annotations"))
     failures = int(status.get("consecutiveFailures") or 0)
 
     try:
