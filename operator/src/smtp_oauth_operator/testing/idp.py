@@ -120,13 +120,11 @@ class _Fault:
     retry_after: int | None = None
     json_body: bool = True
 
-    def matches(self, tenant: str, endpoint: Endpoint, canonical: str | None) -> bool:
+    def matches(self, endpoint: Endpoint, names: set[str]) -> bool:
+        """``names``: the requested tenant segment plus, when known, the tenant's ID and domains."""
         if self.endpoint not in ("any", endpoint):
             return False
-        if self.tenant is None:
-            return True
-        wanted = self.tenant.lower()
-        return wanted == tenant.lower() or (canonical is not None and wanted == canonical.lower())
+        return self.tenant is None or self.tenant.lower() in names
 
 
 class _HttpError(Exception):
@@ -535,9 +533,12 @@ class FakeEntraID:
 
     def _take_fault(self, tenant: str, endpoint: Endpoint) -> _Fault | None:
         with self._lock:
-            canonical = self._resolve(tenant)
+            names = {tenant.lower()}
+            known = self._resolve(tenant)
+            if known is not None:
+                names |= {known.tenant_id.lower(), *known.domains}
             for fault in self._faults:
-                if fault.matches(tenant, endpoint, canonical.tenant_id if canonical else None):
+                if fault.matches(endpoint, names):
                     if fault.remaining is not None:
                         fault.remaining -= 1
                         if fault.remaining <= 0:

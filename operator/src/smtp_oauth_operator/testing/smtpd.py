@@ -293,23 +293,26 @@ class _ExchangeHandler:
         user, token = _parse_xoauth2(blob)
         info = owner.idp.validate(token) if token else None
         client_id = info.client_id if info else None
-        if info is None or not owner.token_acceptable(info):
-            if owner.challenge_style == "google":
-                answer = await server.challenge_auth(json.dumps(_GOOGLE_CHALLENGE).encode())
-                if answer is MISSING:
-                    return self._record("XOAUTH2", user, client_id, server, 501, "501", handled=True)
-                return self._record("XOAUTH2", user, client_id, server, 535, _GOOGLE_535)
-            return self._record("XOAUTH2", user, client_id, server, 535, owner.reply_535())
-        assert user is not None
+        if info is None or user is None or not owner.token_acceptable(info):
+            return await self._reject(server, user, client_id)
         disabled = owner.auth_disabled_for(user)
         if disabled is not None:
             return self._record("XOAUTH2", user, client_id, server, 535, owner.reply_disabled(disabled))
         if not owner.is_granted(user, info.client_id):
-            return self._record("XOAUTH2", user, client_id, server, 535, owner.reply_535())
+            return await self._reject(server, user, client_id)
         result = self._record("XOAUTH2", user, client_id, server, 235, "235 2.7.0 Authentication successful")
         result.success = True
         result.auth_data = _Login(mailbox=user, client_id=info.client_id, tenant_id=info.tenant_id)
         return result
+
+    async def _reject(self, server: _ExchangeSMTP, user: str | None, client_id: str | None) -> AuthResult:
+        """Exchange: a direct ``535 5.7.3``; Google: a 334 JSON challenge, then ``535 5.7.8``."""
+        if self.owner.challenge_style == "google":
+            answer = await server.challenge_auth(json.dumps(_GOOGLE_CHALLENGE).encode())
+            if answer is MISSING:  # "*" or bad base64: aiosmtpd already answered 501
+                return self._record("XOAUTH2", user, client_id, server, 501, "501", handled=True)
+            return self._record("XOAUTH2", user, client_id, server, 535, _GOOGLE_535)
+        return self._record("XOAUTH2", user, client_id, server, 535, self.owner.reply_535())
 
     def _record(
         self,
