@@ -1,10 +1,14 @@
 """Shared fixtures for the e2e tests: a real etcd + kube-apiserver on loopback.
 
 Fixtures:
-- ``k8s_bin_dir`` (session): the bin dir with etcd, kube-apiserver, kubectl and helm
-  (``$SMTPOAUTH_K8S_BIN_DIR``, or built/reused by ``hack/k8s-tools.sh``).
-- ``control_plane`` (session): a started :class:`e2e.controlplane.ControlPlane`; stopped at
-  the end of the session (its work dir with logs is kept if a test failed).
+- ``k8s_bin_dir`` (session): the bin dir with etcd, kube-apiserver, kubectl, helm and
+  kube-controller-manager (``$SMTPOAUTH_K8S_BIN_DIR``, or built/reused by
+  ``hack/k8s-tools.sh all``).
+- ``control_plane`` (session): a started :class:`e2e.controlplane.ControlPlane` (etcd +
+  kube-apiserver only, like envtest: no garbage collector, no namespace deletion, no default
+  ServiceAccounts); stopped at the end of the session (its work dir with logs is kept if a
+  test failed). Start your own ``ControlPlane(k8s_bin_dir, controller_manager=True)`` when a
+  test needs the controllers.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from e2e.controlplane import ControlPlane, ensure_tools  # noqa: E402
 
 @pytest.fixture(scope="session")
 def k8s_bin_dir() -> Path:
-    return ensure_tools()
+    return ensure_tools(["all"])
 
 
 @pytest.fixture(scope="session")

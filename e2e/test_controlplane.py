@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,15 @@ K8S_MINOR = "v1.36."
 
 def _unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
+    return True
 
 
 def test_kubectl_creates_and_gets_a_namespace(control_plane: ControlPlane) -> None:
@@ -192,3 +203,36 @@ def test_stop_leaves_no_process_or_port_behind(k8s_bin_dir: Path) -> None:
         assert port_is_free(port), f"{name} port {port} still in use"
     assert workdir is not None
     assert not workdir.exists()
+
+
+def test_controller_manager_collects_garbage_and_deletes_namespaces(k8s_bin_dir: Path) -> None:
+    with ControlPlane(k8s_bin_dir, controller_manager=True) as cp:
+        assert "kube-controller-manager" in cp.pids
+        ns = _unique("e2e-kcm")
+        cp.kubectl("create", "namespace", ns)
+        # serviceaccount controller: every namespace gets a `default` ServiceAccount
+        assert _eventually(
+            lambda: cp.kubectl("get", "sa", "default", "-n", ns, check=False).returncode == 0
+        ), "no default ServiceAccount"
+        # garbage collector: deleting the owner deletes the dependent
+        cp.kubectl("create", "configmap", "owner", "-n", ns)
+        uid = cp.kubectl("get", "cm", "owner", "-n", ns, "-o", "jsonpath={.metadata.uid}").stdout
+        child = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": "child",
+                "namespace": ns,
+                "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid}],
+            },
+        }
+        cp.kubectl("apply", "-f", "-", input=json.dumps(child))
+        cp.kubectl("delete", "configmap", "owner", "-n", ns)
+        assert _eventually(lambda: cp.kubectl("get", "cm", "child", "-n", ns, check=False).returncode != 0), (
+            "dependent ConfigMap was not garbage-collected"
+        )
+        # namespace controller: a deleted namespace goes away instead of staying Terminating
+        cp.kubectl("delete", "namespace", ns, "--timeout=60s")
+        gone = cp.kubectl("get", "namespace", ns, check=False)
+        assert gone.returncode != 0
+        assert "NotFound" in gone.stderr
