@@ -1,0 +1,47 @@
+# Two commands do everything on a fresh machine (see README.md):
+#   make demo   - the operator's main job on an embedded default, then tear down
+#   make test   - lint, types, unit + integration tests, then the e2e suite on a real control plane
+# Everything they need is installed by `make bootstrap` (a venv in .venv, the Kubernetes tools built
+# from Go modules into ~/.cache/smtp-oauth-operator, reused when present).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: bootstrap tools lint unit e2e test demo bench clean
+
+bootstrap: $(STAMP) tools
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+tools:
+	bash hack/k8s-tools.sh >/dev/null
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests --cov --cov-branch --cov-report=term --cov-fail-under=85
+
+e2e: bootstrap
+	$(BIN)/python -m pytest e2e -p no:cacheprovider
+
+test: bootstrap lint unit e2e
+
+demo: bootstrap
+	$(BIN)/python -m e2e.demo
+
+bench: bootstrap
+	$(BIN)/python -m e2e.bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
