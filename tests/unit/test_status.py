@@ -186,3 +186,18 @@ def test_generation_is_recorded() -> None:
     d = decide(None, observe(generation=7))
     assert d.status["observedGeneration"] == 7
     assert {c["observedGeneration"] for c in d.status["conditions"]} == {7}
+
+
+def test_failed_alarm_email_is_retried_without_a_new_event() -> None:
+    first = decide(None, observe(EXPIRES - timedelta(days=3)))
+    assert first.alarm is not None
+    assert not first.alarm.retry
+    first.status["lastAlarm"]["notified"] = False  # what the reconciler records when the e-mail failed
+    again = decide(first.status, observe(EXPIRES - timedelta(days=3) + timedelta(hours=1), tested=False))
+    assert again.alarm is not None
+    assert again.alarm.retry
+    assert again.alarm.kind == "ClientSecretExpiringSoon"
+    assert "ClientSecretExpiringSoon" not in reasons(again)
+    first.status["lastAlarm"]["notified"] = True
+    done = decide(first.status, observe(EXPIRES - timedelta(days=3) + timedelta(hours=1), tested=False))
+    assert done.alarm is None

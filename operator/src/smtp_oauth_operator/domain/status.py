@@ -91,6 +91,7 @@ class Alarm:
     kind: str  # ClientSecretExpiringSoon or ClientSecretExpired
     subject: str
     body: str
+    retry: bool = False  # an earlier e-mail for this alarm failed; a failure again posts no new Event
 
 
 @dataclass(slots=True)
@@ -285,16 +286,25 @@ def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
             and last.get("thresholdDays") is not None
         )
         if not already:
-            subject = (
-                f"[smtp-oauth-operator] Client secret of {obs.client_id} expires "
-                f"{days_phrase(expiry.remaining or now - now)}"
-            )
+            subject = _alarm_subject("ClientSecretExpiringSoon", obs.client_id, expiry)
             alarm = Alarm("ClientSecretExpiringSoon", subject, exp_message)
             events.append(Event("Warning", "ClientSecretExpiringSoon", exp_message))
             status["lastAlarm"] = _alarm_record(
                 "ClientSecretExpiringSoon", expiry.threshold_days, expiry, now
             )
             _history(status, "ClientSecretExpiringSoon", expiry.threshold_days, now, exp_message)
+
+    # An alarm whose e-mail failed is sent again on later passes (the reconciler records the outcome
+    # in lastAlarm.notified), while the condition still says the same thing.
+    last_now = status.get("lastAlarm")
+    if (
+        alarm is None
+        and last_now
+        and last_now.get("notified") is False
+        and exp_reason in {Reason.EXPIRING_SOON, Reason.EXPIRED}
+    ):
+        kind = str(last_now.get("type"))
+        alarm = Alarm(kind, _alarm_subject(kind, obs.client_id, expiry), exp_message, retry=True)
 
     # 4. Secret protection.
     protection = obs.protection
@@ -348,6 +358,12 @@ def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
     ):
         events.append(Event("Warning", "SecretNotProtected", protection.message))
     return Decision(status=status, events=events, alarm=alarm)
+
+
+def _alarm_subject(kind: str, client_id: str, expiry: ExpiryState) -> str:
+    if kind == "ClientSecretExpired" or not expiry.remaining:
+        return f"[smtp-oauth-operator] Client secret EXPIRED: app {client_id}"
+    return f"[smtp-oauth-operator] Client secret of app {client_id} expires {days_phrase(expiry.remaining)}"
 
 
 def _alarm_record(kind: str, threshold: int | None, expiry: ExpiryState, now: datetime) -> dict[str, Any]:

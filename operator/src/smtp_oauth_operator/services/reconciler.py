@@ -261,6 +261,18 @@ class Reconciler:
 
     async def _write(self, key: Key, entry: _Entry, body: Mapping[str, Any], result: Pass) -> None:
         decision = result.decision
+        failure: CheckFailed | None = None
+        alarm = decision.alarm
+        if (
+            alarm is not None
+            and result.spec is not None
+            and result.spec.notify_to
+            and result.inputs is not None
+        ):
+            # E-mail first, so that whether it reached the admins is part of the one status write.
+            failure = await self._notify(body, result, alarm.subject, alarm.body)
+            if isinstance(decision.status.get("lastAlarm"), dict):
+                decision.status["lastAlarm"] = {**decision.status["lastAlarm"], "notified": failure is None}
         old_status = body.get("status") or {}
         patch = _status_patch(old_status, decision.status)
         if patch:
@@ -272,13 +284,20 @@ class Reconciler:
                 entry.body = updated
         for event in decision.events:
             await self.kube.post_event(body, event.type, event.reason, event.message)
-        if decision.alarm is not None and result.spec is not None and result.spec.notify_to:
-            await self._notify(body, result, decision.alarm.subject, decision.alarm.body)
+        if failure is not None and alarm is not None and not alarm.retry and result.spec is not None:
+            await self.kube.post_event(
+                body,
+                "Warning",
+                "AlarmNotificationFailed",
+                f"Could not e-mail the {alarm.kind} alarm to {', '.join(result.spec.notify_to)}: "
+                f"{failure.reason}: {failure.message}; retrying with the next checks.",
+            )
 
-    async def _notify(self, body: Mapping[str, Any], result: Pass, subject: str, text: str) -> None:
+    async def _notify(
+        self, body: Mapping[str, Any], result: Pass, subject: str, text: str
+    ) -> CheckFailed | None:
         assert result.spec is not None
-        if result.inputs is None:
-            return
+        assert result.inputs is not None
         meta = body.get("metadata") or {}
         where = f"{meta.get('namespace')}/{meta.get('name')}"
         text = (
@@ -290,9 +309,5 @@ class Reconciler:
         try:
             await send_mail(result.spec, result.inputs, self.tokens, result.spec.notify_to, subject, text)
         except CheckFailed as exc:
-            await self.kube.post_event(
-                body,
-                "Warning",
-                "AlarmNotificationFailed",
-                f"Could not e-mail the alarm to {', '.join(result.spec.notify_to)}: {exc.reason}: {exc.message}",
-            )
+            return exc
+        return None
