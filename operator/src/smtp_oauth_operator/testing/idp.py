@@ -168,6 +168,7 @@ class _Server(http.server.ThreadingHTTPServer):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as two writes
     server_version = "Microsoft-IIS/10.0"
     sys_version = ""
     server: _Server
@@ -982,7 +983,7 @@ def _make_token(app: _App, resource: str, now: int) -> str:
         "wids": ["0997a1d0-0d1d-4acb-b408-d5ca73121e90"],
         "xms_ftd": _random_b64url(64),
         "xms_idrel": "7 20",
-        "xms_rd": "0.42" + _random_b64url(72),
+        "xms_rd": "0.42" + _random_b64url(48),
     }
     segments: Iterator[bytes] = (
         json.dumps(part, separators=(",", ":")).encode("utf-8") for part in (header, claims)

@@ -140,6 +140,7 @@ class _TcpServer:
                 except OSError:
                     break
                 conn.settimeout(None)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 thread = threading.Thread(
                     target=self._connection, args=(conn,), name=f"{self.name}-conn", daemon=True
                 )
@@ -396,6 +397,7 @@ class HttpConnectProxy(_TcpServer):
         self.track(upstream)
         try:
             upstream.settimeout(None)
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._reply(conn, 200)
             with self._lock:
                 self._tunnels += 1

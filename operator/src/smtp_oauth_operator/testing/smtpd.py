@@ -31,6 +31,7 @@ import email.utils
 import json
 import logging
 import secrets
+import ssl
 import threading
 import time
 from collections.abc import Iterable
@@ -423,6 +424,7 @@ class FakeExchange:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._port: int | None = None
+        self._starttls_context: ssl.SSLContext | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -430,6 +432,8 @@ class FakeExchange:
         """Bind and serve on a private event loop thread. Returns ``self``."""
         if self._loop is not None:
             return self
+        # One context for all sessions: loading the chain per connection would dominate benchmarks.
+        self._starttls_context = self.cert.server_context() if self.offer_starttls and self.cert else None
         loop = asyncio.new_event_loop()
         loop.set_exception_handler(_quiet)
         thread = threading.Thread(target=loop.run_forever, name="fake-exchange", daemon=True)
@@ -453,11 +457,10 @@ class FakeExchange:
     def _protocol(self) -> _ExchangeSMTP:
         assert self._loop is not None
         exclude = ["PLAIN"] if self.offer_xoauth2 else ["PLAIN", "XOAUTH2"]
-        starttls_context = self.cert.server_context() if self.offer_starttls and self.cert else None
         return _ExchangeSMTP(
             _ExchangeHandler(self),
             hostname=self.server_name,
-            tls_context=starttls_context,
+            tls_context=self._starttls_context,
             auth_require_tls=not (self.implicit_tls or self.allow_plaintext_auth),
             auth_exclude_mechanism=exclude,
             data_size_limit=_MAX_SIZE,
