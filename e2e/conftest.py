@@ -41,3 +41,7 @@ def control_plane(k8s_bin_dir: Path, request: pytest.FixtureRequest) -> Iterator
         if request.session.testsfailed:
             cp.keep_workdir = True  # keep the logs for a look
         cp.stop()
+
+
+# The operator's e2e fixtures (crds, dev, operator, ns): see e2e/fixtures.py.
+pytest_plugins = ["e2e.fixtures"]
