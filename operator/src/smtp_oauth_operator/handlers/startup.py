@@ -32,6 +32,15 @@ async def on_startup(
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
+    if not settings.peering.clusterwide:
+        # Watching given namespaces (-n) needs only Roles in them. kopf would otherwise list and watch
+        # namespaces and CRDs cluster-wide, retrying each 403 for about a minute before it starts.
+        settings.scanning.disabled = True
+
+    # kopf logs every successful watch-event handler at INFO: one line per resource per event. Keep
+    # that for --log-level debug only; warnings and errors still show.
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
     config = Settings.from_env()
     metrics = Metrics()
