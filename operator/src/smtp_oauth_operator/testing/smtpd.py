@@ -450,7 +450,7 @@ class FakeExchange:
         loop = asyncio.get_running_loop()
         ssl_context = self.cert.server_context() if self.implicit_tls and self.cert else None
         self._server = await loop.create_server(
-            self._protocol, host=self.host, port=self._requested_port, ssl=ssl_context
+            self._protocol, host=self.host, port=self._requested_port, ssl=ssl_context, backlog=512
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
 
