@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -346,6 +347,25 @@ def test_hang_makes_the_client_time_out(idp: FakeEntraID, cert: ServerCert) -> N
         assert idp.hung_requests >= 1
     finally:
         impatient.session.close()
+
+
+def test_stop_releases_a_hung_request(cert: ServerCert) -> None:
+    server = FakeEntraID(cert).start()
+    server.register_tenant(TENANT)
+    server.hang(endpoint="any")
+    with requests.Session() as session:
+        session.trust_env = False
+        session.verify = str(cert.ca_file)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(session.get, server.discovery_url(TENANT), timeout=30)
+            deadline = time.monotonic() + 5
+            while server.hung_requests == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            started = time.monotonic()
+            server.stop()
+            assert time.monotonic() - started < 2
+            with pytest.raises(requests.exceptions.ConnectionError):
+                pending.result(timeout=5)
 
 
 def test_untrusted_certificate_is_rejected(idp: FakeEntraID) -> None:
@@ -729,6 +749,15 @@ async def test_silent_server_times_out_smtp_and_https() -> None:
                 session.get(f"https://127.0.0.1:{silent.port}/", timeout=0.3)
         assert silent.connections == 2
         assert silent.bytes_received > 0  # the TLS ClientHello, never answered
+
+
+def test_peers_stop_themselves_after_their_lifetime() -> None:
+    silent = SilentServer(lifetime=0.2).start()
+    port = silent.port
+    time.sleep(0.5)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    silent.stop()
 
 
 async def test_garbage_after_a_proper_greeting() -> None:
