@@ -75,6 +75,7 @@ SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_IP = "10.0.0.1"  # first address of SERVICE_CIDR: the `kubernetes` Service
 STOP_GRACE_SECONDS = 10.0
 LOG_TAIL_LINES = 40
+PORT_ATTEMPTS = 3
 
 
 class ControlPlaneError(RuntimeError):
@@ -495,9 +496,25 @@ class ControlPlane:
             self.workdir = Path(tempfile.mkdtemp(prefix="smtpoauth-k8s-"))
             try:
                 self._write_pki()
-                self._start_etcd()
-                self._start_apiserver()
-                self._wait_apiserver_ready()
+                for attempt in range(1, PORT_ATTEMPTS + 1):
+                    self._pick_ports()
+                    try:
+                        self._start_etcd()
+                        self._start_apiserver()
+                        self._wait_apiserver_ready()
+                        break
+                    except ControlPlaneError as exc:
+                        # Another process (a parallel test run, say) took a port between
+                        # picking it and binding it: try again with fresh ports.
+                        if "address already in use" not in str(exc) or attempt == PORT_ATTEMPTS:
+                            raise
+                        print(
+                            f"port clash (address already in use) on {self.ports}; retrying", file=sys.stderr
+                        )
+                        self._stop_proc("kube-apiserver")
+                        self._stop_proc("etcd")
+                        shutil.rmtree(self._path("etcd-data"), ignore_errors=True)
+                        self._failed = False
                 if self.controller_manager:
                     self._start_controller_manager()
             except BaseException:
@@ -605,16 +622,18 @@ class ControlPlane:
         self.ca_file = pki / "ca.crt"
         self._path("home").mkdir()
 
+    def _pick_ports(self) -> None:
         ports = _free_ports(3)
         self.etcd_client_port, self.etcd_peer_port, self.apiserver_port = ports
         self.etcd_url = f"http://127.0.0.1:{self.etcd_client_port}"
         self.server = f"https://127.0.0.1:{self.apiserver_port}"
         self.kubeconfig = self._path("admin.kubeconfig")
+        pki = self._path("pki")
         self._write_kubeconfig(
             self.kubeconfig,
             user={
-                "client-certificate-data": _b64(files["admin.crt"]),
-                "client-key-data": _b64(files["admin.key"]),
+                "client-certificate-data": _b64((pki / "admin.crt").read_bytes()),
+                "client-key-data": _b64((pki / "admin.key").read_bytes()),
             },
         )
 
