@@ -208,3 +208,53 @@ def test_metrics_follow_the_resource_and_go_with_it(
     assert _series(text, expiry_metric, ns.name, "mail") == []
     assert _series(text, "smtpoauth_ready", ns.name, "mail") == []
     assert "smtpoauth_ready{" in text or "smtpoauth_ready " in text or "# TYPE smtpoauth_ready" in text
+
+
+def test_a_failed_alarm_email_is_an_event_and_is_retried(
+    ns: Namespace, dev: Dev, operator: OperatorProcess
+) -> None:
+    app = dev.new_app(grant=False)  # a token, but no FullAccess on the mailbox: 535 5.7.3
+    ns.secret(app.secret)
+    spec = dev.spec(app, alarms={"notify": {"to": [ADMIN]}})
+    spec["identity"]["clientSecret"]["expiresAt"] = _in(3)
+    ns.smtp_oauth_config("mail", spec)
+    ns.wait_for_condition("mail", "Ready", "False", "AuthenticationRejected")
+    ns.wait_for_condition("mail", "CredentialExpiring", "True", "ExpiringSoon")
+    _wait_events(ns, "mail", "AlarmNotificationFailed")
+    failed = next(e for e in ns.events_for("mail") if e["reason"] == "AlarmNotificationFailed")
+    assert failed["type"] == "Warning"
+    assert ADMIN in failed["message"]
+    assert ns.count_events("mail", "ClientSecretExpiringSoon") == 1
+    operator.check_alive()
+    assert _alarm_mails(dev, app) == []
+
+    # The mailbox permission is fixed; the next check sends the alarm that could not be sent.
+    dev.exchange.grant(dev.endpoints.mailbox, app.client_id)
+    ns.kubectl("annotate", "smtpoauthconfig", "mail", "smtpoauth.dev/recheck=1", "--overwrite")
+    ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested")
+    wait_until(lambda: _alarm_mails(dev, app), timeout=30, what="the alarm e-mail, retried")
+    mails = _alarm_mails(dev, app)
+    assert len(mails) == 1
+    assert "expires in 2 days" in str(mails[0].message["Subject"])
+    # Retrying the e-mail is not a second alarm.
+    assert ns.count_events("mail", "ClientSecretExpiringSoon") == 1
+
+
+def test_the_next_threshold_is_alarmed_on_time(ns: Namespace, dev: Dev, operator: OperatorProcess) -> None:
+    """No poll loop: the resource's timer is set to its next threshold and fires then."""
+    app = dev.new_app()
+    ns.secret(app.secret)
+    threshold_at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=12)
+    spec = dev.spec(app, alarms={"warnBeforeDays": [1]})
+    spec["identity"]["clientSecret"]["expiresAt"] = _rfc3339(threshold_at + timedelta(days=1))
+    ns.smtp_oauth_config("mail", spec)
+    ns.wait_for_condition("mail", "CredentialExpiring", "False", "NotExpiring")
+    assert ns.count_events("mail", "ClientSecretExpiringSoon") == 0
+    attempts = len(dev.auth_attempts(app))
+    ns.wait_for_condition("mail", "CredentialExpiring", "True", "ExpiringSoon", timeout=40)
+    crossed = datetime.now(UTC)
+    assert crossed >= threshold_at
+    assert (crossed - threshold_at).total_seconds() < 10, crossed - threshold_at
+    _wait_events(ns, "mail", "ClientSecretExpiringSoon")
+    assert ns.config("mail")["status"]["lastAlarm"]["thresholdDays"] == 1
+    assert len(dev.auth_attempts(app)) == attempts  # a threshold is not a reason to re-test
