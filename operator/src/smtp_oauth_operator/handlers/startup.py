@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
@@ -15,6 +16,21 @@ from smtp_oauth_operator.domain.spec import GROUP
 from smtp_oauth_operator.services.reconciler import Reconciler
 
 __all__ = ["on_cleanup", "on_startup"]
+
+MAX_API_BACKOFF = 60.0
+
+
+class _RetryForever:
+    """Backoffs 1, 2, 4 … 60 s, then 60 s for ever; a fresh sequence for every request.
+
+    kopf counts retries with ``len()`` when it can; an unsized iterable means no limit.
+    """
+
+    def __iter__(self) -> Iterator[float]:
+        delay = 1.0
+        while True:
+            yield delay
+            delay = min(delay * 2, MAX_API_BACKOFF)
 
 
 @kopf.on.startup()
@@ -36,6 +52,11 @@ async def on_startup(
         # Watching given namespaces (-n) needs only Roles in them. kopf would otherwise list and watch
         # namespaces and CRDs cluster-wide, retrying each 403 for about a minute before it starts.
         settings.scanning.disabled = True
+    # kopf gives up on an API error after 8 retries (about a minute) and then stops the whole operator:
+    # one missing RBAC rule (a 403 on a watch) would become a crash loop. Retry forever instead, every
+    # minute at most: the log names the forbidden call, the resources show AccessDenied, and the watch
+    # resumes by itself once the Role is fixed.
+    settings.networking.error_backoffs = _RetryForever()
 
     # kopf logs every successful watch-event handler at INFO: one line per resource per event. Keep
     # that for --log-level debug only; warnings and errors still show.
