@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,6 +58,11 @@ async def on_startup(
     # minute at most: the log names the forbidden call, the resources show AccessDenied, and the watch
     # resumes by itself once the Role is fixed.
     settings.networking.error_backoffs = _RetryForever()
+    if not settings.peering.standalone and settings.peering.priority == 0:
+        # Replicas of one Deployment share their arguments, and kopf pauses *every* operator that sees a
+        # peer of its own priority. A random one makes the highest replica active, the others a standby.
+        settings.peering.priority = 1 + secrets.randbelow(2**31 - 2)
+        logger.info("Peering %r with priority %d", settings.peering.name, settings.peering.priority)
 
     # kopf logs every successful watch-event handler at INFO: one line per resource per event. Keep
     # that for --log-level debug only; warnings and errors still show.
