@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 
 tools:
 	bash hack/k8s-tools.sh >/dev/null
+	bash hack/sealed-secrets.sh >/dev/null
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
