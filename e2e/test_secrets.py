@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -175,30 +176,50 @@ def test_deleted_secret_and_rotated_ca_bundle_are_noticed(
 # leak canary
 
 
-def _needles(dev: Dev) -> dict[str, str]:
-    """Every client secret and access token, raw and base64-encoded, by a printable label."""
-    needles: dict[str, str] = {}
-    for i, value in enumerate(dev.secrets):
-        needles[f"client secret #{i}"] = value
-        needles[f"client secret #{i} (base64)"] = base64.b64encode(value.encode()).decode()
-    tokens = dev.idp.issued_tokens
-    for i, token in enumerate(tokens):
-        needles[f"access token #{i}"] = token
-        for j, part in enumerate(token.split(".")):
-            if len(part) >= 24:
-                needles[f"access token #{i} segment {j}"] = part
-        blob = f"user={dev.endpoints.mailbox}\x01auth=Bearer {token}\x01\x01".encode()
-        needles[f"access token #{i} (XOAUTH2 line)"] = base64.b64encode(blob).decode()
-    return needles
+GRAM = 24  # a leak of any 24 consecutive characters of a secret or token counts
+_RUN = re.compile(rf"[A-Za-z0-9_~.+/=-]{{{GRAM},}}")
 
 
-def _hits(haystacks: dict[str, str], needles: dict[str, str]) -> list[str]:
-    return [
-        f"{needle_label} found in {where}"
-        for where, text in haystacks.items()
-        for needle_label, needle in needles.items()
-        if needle in text
-    ]
+class LeakScanner:
+    """Finds client secrets and access tokens in text: whole, base64-encoded, or any piece of them.
+
+    Whole values (and their base64 and XOAUTH2 forms) are looked up directly; pieces through every
+    window of :data:`GRAM` characters. Windows shared by two or more tokens are dropped: they come
+    from the JWT-shaped but fixed parts (``{"typ":"JWT",...``), not from what makes a token secret.
+    """
+
+    def __init__(self, secrets: list[str], tokens: list[str], mailbox: str) -> None:
+        self.whole: dict[str, str] = {}
+        sources: dict[str, str] = {}
+        for i, value in enumerate(secrets):
+            self.whole[value] = f"client secret #{i}"
+            self.whole[base64.b64encode(value.encode()).decode()] = f"client secret #{i} (base64)"
+            sources[f"client secret #{i}"] = value
+        for i, token in enumerate(tokens):
+            self.whole[token] = f"access token #{i}"
+            blob = f"user={mailbox}\x01auth=Bearer {token}\x01\x01".encode()
+            self.whole[base64.b64encode(blob).decode()] = f"access token #{i} (XOAUTH2 line)"
+            sources[f"access token #{i}"] = token
+        owners: dict[str, set[str]] = {}
+        for label, value in sources.items():
+            for j in range(len(value) - GRAM + 1):
+                owners.setdefault(value[j : j + GRAM], set()).add(label)
+        self.pieces = {gram: next(iter(labels)) for gram, labels in owners.items() if len(labels) == 1}
+
+    def scan(self, haystacks: dict[str, str]) -> list[str]:
+        hits: set[str] = set()
+        for where, text in haystacks.items():
+            for needle, label in self.whole.items():
+                if needle in text:
+                    hits.add(f"{label} found in {where}")
+            for run in _RUN.finditer(text):
+                chunk = run.group()
+                for j in range(len(chunk) - GRAM + 1):
+                    label = self.pieces.get(chunk[j : j + GRAM])
+                    if label is not None:
+                        hits.add(f"a piece of {label} found in {where} at offset {run.start() + j}")
+                        break
+        return sorted(hits)
 
 
 def test_leak_canary(control_plane: ControlPlane, ns: Namespace, dev: Dev, operator: OperatorProcess) -> None:
@@ -297,9 +318,13 @@ def test_leak_canary(control_plane: ControlPlane, ns: Namespace, dev: Dev, opera
     assert debug_records, "the operator was not logging at debug level"
     for name in expected:
         assert f"Tested {ns.name}/{name}" in log, name
-    # And the scanner itself finds a secret where one legitimately is: in the Secret.
+    # The scanner finds what it should: a secret where one legitimately is (the Secret), and a
+    # piece of a token in otherwise harmless text.
+    scanner = LeakScanner(dev.secrets, tokens, dev.endpoints.mailbox)
     secret_json = ns.kubectl("get", "secret", "ok", "-o", "json").stdout
-    assert _hits({"Secret ok": secret_json}, _needles(dev)), "the scanner found nothing in a Secret"
+    assert scanner.scan({"Secret ok": secret_json}), "the scanner found nothing in a Secret"
+    assert scanner.scan({"probe": f"got token ...{tokens[-1][-30:]}"}), "the scanner missed a piece"
+    assert not scanner.scan({"probe": "nothing to see " + "A" * 100})
 
-    hits = _hits(haystacks, _needles(dev))
+    hits = scanner.scan(haystacks)
     assert not hits, "secrets leaked:\n" + "\n".join(hits)
