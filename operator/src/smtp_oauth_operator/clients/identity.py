@@ -17,9 +17,7 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import ssl
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -106,12 +104,14 @@ class _Http:
 
 
 class _App:
-    def __init__(self, request: TokenRequest, ca_file: str | None) -> None:
+    def __init__(self, request: TokenRequest) -> None:
         self.lock = asyncio.Lock()
         self.local = threading.local()
         session = requests.Session()
         session.trust_env = False
-        session.verify = ca_file or True
+        session.verify = True
+        if request.ca_pem:
+            session.mount("https://", _TrustAdapter(_trust(request.ca_pem)))
         if request.proxy_url:
             session.proxies = {"https": request.proxy_url, "http": request.proxy_url}
         session.hooks["response"].append(self._record)
@@ -139,23 +139,40 @@ class _App:
         self.session.close()
 
 
-def _ca_file(ca_pem: str | None) -> str | None:
-    """A CA file with the system's anchors plus the extra ones (requests wants a path)."""
-    if not ca_pem:
-        return None
-    digest = hashlib.sha256(ca_pem.encode()).hexdigest()[:16]
-    path = os.path.join(tempfile.gettempdir(), f"smtp-oauth-operator-ca-{os.getuid()}-{digest}.pem")
-    if not os.path.exists(path):
-        system = ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"
-        base = ""
-        if os.path.exists(system):
-            with open(system, encoding="utf-8") as fh:
-                base = fh.read()
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(base.rstrip() + "\n" + ca_pem.strip() + "\n")
-        os.replace(tmp, path)
-    return path
+@functools.lru_cache(maxsize=64)
+def _trust(ca_pem: str) -> ssl.SSLContext:
+    """The system's trust anchors plus ``ca_pem``, loaded once per bundle and shared by every app."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.load_verify_locations(cadata=ca_pem)
+    return context
+
+
+class _TrustAdapter(requests.adapters.HTTPAdapter):
+    """Hands urllib3 a prepared SSLContext (directly and through a proxy's tunnel).
+
+    With ``session.verify = <bundle file>`` urllib3 loads the whole bundle (the system's anchors plus
+    spec.identity.caBundle, some 140 certificates) again for every new connection: tens of
+    milliseconds of CPU per new app registration, most of a connection test against a near IdP.
+    """
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context = context
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["ssl_context"] = self._context
+        super().init_poolmanager(*args, **kwargs)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        proxy_kwargs["ssl_context"] = self._context
+        return super().proxy_manager_for(proxy, **proxy_kwargs)
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        super().cert_verify(conn, url, verify, cert)  # type: ignore[no-untyped-call]
+        # requests points every connection at certifi's bundle, which urllib3 would load into our
+        # context on each connect; the context already holds the anchors we trust.
+        conn.ca_certs = None
+        conn.ca_cert_dir = None
 
 
 class TokenProvider:
@@ -174,7 +191,7 @@ class TokenProvider:
         key = request.cache_key()
         app = self._apps.get(key)
         if app is None:
-            app = _App(request, _ca_file(request.ca_pem))
+            app = _App(request)
             self._apps[key] = app
             while len(self._apps) > self._max_apps:
                 _, old = self._apps.popitem(last=False)
