@@ -193,11 +193,11 @@ def _run(args: argparse.Namespace) -> int:
     kopf_args += [f"--peering={args.peering}"] if args.peering else ["--standalone"]
     if args.liveness:
         kopf_args.append(f"--liveness={args.liveness}")
+    # kopf logs at INFO by default; its --verbose means DEBUG (every HTTP request urllib3 makes, every
+    # handler call): not what --log-level info asks for.
     if args.log_level == "debug":
         kopf_args.append("--debug")
-    elif args.log_level == "info":
-        kopf_args.append("--verbose")
-    else:
+    elif args.log_level == "warning":
         kopf_args.append("--quiet")
     try:
         kopf_cli.main(args=kopf_args, prog_name="smtp-oauth-operator", standalone_mode=False)
