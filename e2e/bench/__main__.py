@@ -1,0 +1,13 @@
+"""``python -m e2e.bench``: see :mod:`e2e.bench.run`."""
+
+import sys
+from pathlib import Path
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+for _path in (_REPO_ROOT, _REPO_ROOT / "operator" / "src"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from e2e.bench.run import main  # noqa: E402
+
+sys.exit(main())
