@@ -1,0 +1,795 @@
+"""The Helm chart on a real API server: lint, schema, server-side validation, install/upgrade/uninstall,
+and the proof that its RBAC is what the operator needs: no more (an audit log of the API server lists
+every call the operator made as the chart's ServiceAccount) and no less (it reaches Ready with a
+TokenRequest token of that ServiceAccount), and that a missing rule is a log line and a condition.
+
+This module runs its own control plane (etcd + kube-apiserver, as ``control_plane``) for two reasons:
+the API server writes an audit log here, and the session's plane hosts the shared operator of
+e2e/fixtures.py, which runs as cluster admin and would make SmtpOAuthConfigs Ready whatever the
+chart's RBAC says, and which applies the CRD with kubectl (Helm refuses to adopt a CRD it does not own).
+
+There is no kubelet: Pods are never started, so `helm install` runs without --wait, the operator runs
+here as a process with the chart ServiceAccount's token, and the `helm test` hook is rendered and
+validated while the request it makes (GET /healthz) is made against the operator process instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from e2e.controlplane import REPO_ROOT, ControlPlane, free_port
+
+from smtp_oauth_operator.testing.devservers import DevServers
+
+pytestmark = pytest.mark.e2e
+
+CHART = REPO_ROOT / "charts" / "smtp-oauth-operator"
+TESTDATA = Path(__file__).resolve().parent / "testdata"
+OPERATOR_BIN = REPO_ROOT / ".venv" / "bin" / "smtp-oauth-operator"
+CRD_NAME = "smtpoauthconfigs.smtpoauth.dev"
+CLIENT_SECRET = "chart-e2e~CANARY.client-secret_0123456789"
+
+# Every optional feature on (and a namespaced hot standby).
+EVERYTHING_ON: dict[str, Any] = {
+    "replicas": 2,
+    "watch": {"namespaces": ["team-a", "team-b"]},
+    "operator": {"logLevel": "debug", "logFormat": "json", "extraEnv": [{"name": "EXTRA", "value": "1"}]},
+    "metrics": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
+    },
+    "networkPolicy": {
+        "enabled": True,
+        "apiServerCIDRs": ["10.0.0.1/32"],
+        "ingressFrom": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        ],
+        "extraEgress": [{"to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}], "ports": [{"port": 3128}]}],
+    },
+    "podDisruptionBudget": {"enabled": True},
+    "proxy": {"httpsProxy": "http://proxy.corp.example:3128", "noProxy": ".svc,.cluster.local"},
+    "extraCaBundle": {"enabled": True, "configMapName": "corp-ca"},
+    "commonLabels": {"team": "mail"},
+    "podAnnotations": {"example.com/owner": "mail-team"},
+    "serviceAccount": {"annotations": {"example.com/purpose": "smtp-oauth-operator"}},
+    "image": {"digest": "sha256:" + "0" * 64},
+}
+
+NAMESPACED_RULES = {
+    ("smtpoauth.dev", "smtpoauthconfigs", "list"),
+    ("smtpoauth.dev", "smtpoauthconfigs", "watch"),
+    ("smtpoauth.dev", "smtpoauthconfigs/status", "patch"),
+    ("", "secrets", "get"),
+    ("", "secrets", "list"),
+    ("", "secrets", "watch"),
+    ("", "configmaps", "get"),
+    ("", "configmaps", "list"),
+    ("", "configmaps", "watch"),
+    ("", "events", "create"),
+}
+CLUSTER_ONLY_RULES = {
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+}
+
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    userGroups: ["system:serviceaccounts"]
+  - level: None
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures
+
+
+@dataclass
+class Plane:
+    cp: ControlPlane
+    audit_log: Path
+    tmp: Path
+
+    def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.cp.helm(*args, check=check)
+
+    def kubectl(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return self.cp.kubectl(*args, **kwargs)
+
+    def values_file(self, name: str, values: Mapping[str, Any]) -> str:
+        path = self.tmp / f"{name}.values.yaml"
+        path.write_text(yaml.safe_dump(dict(values)))
+        return str(path)
+
+    def template(self, release: str, namespace: str, *args: str) -> list[dict[str, Any]]:
+        out = self.helm("template", release, str(CHART), "-n", namespace, *args).stdout
+        return [d for d in yaml.safe_load_all(out) if d]
+
+    def dry_run_server(self, manifests: str) -> str:
+        return self.kubectl("apply", "--dry-run=server", "-f", "-", input=manifests).stdout
+
+    def ensure_namespace(self, name: str) -> None:
+        if self.kubectl("get", "namespace", name, check=False).returncode != 0:
+            self.kubectl("create", "namespace", name)
+
+    def get_json(self, *args: str) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+        return result
+
+    def audit(self, user: str) -> list[dict[str, Any]]:
+        """Audit events (Metadata level) of one user, in order."""
+        events = []
+        for line in self.audit_log.read_text().splitlines():
+            event = json.loads(line)
+            if event.get("user", {}).get("username") == user:
+                events.append(event)
+        return events
+
+
+@pytest.fixture(scope="module")
+def plane(k8s_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
+    tmp = tmp_path_factory.mktemp("chart")
+    policy = tmp / "audit-policy.yaml"
+    policy.write_text(AUDIT_POLICY)
+    audit_log = tmp / "audit.log"
+    cp = ControlPlane(
+        k8s_bin_dir,
+        extra_apiserver_flags=[
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={audit_log}",
+            "--audit-log-mode=blocking",  # written before the response: the log is complete when read
+        ],
+    )
+    cp.start()
+    try:
+        yield Plane(cp, audit_log, tmp)
+    finally:
+        cp.stop()
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServers]:
+    with DevServers(tmp_path_factory.mktemp("dev"), client_secret=CLIENT_SECRET) as servers:
+        yield servers
+
+
+@pytest.fixture
+def crd_installed(plane: Plane) -> None:
+    """The CRD, for installs with crds.enabled=false (as when CRDs are managed apart from the chart)."""
+    if plane.kubectl("get", "crd", CRD_NAME, check=False).returncode != 0:
+        plane.kubectl("create", "-f", str(REPO_ROOT / "crds"))
+    plane.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+
+
+class Operator:
+    """The operator as a process, authenticated with a kubeconfig holding a ServiceAccount token."""
+
+    def __init__(self, plane: Plane, kubeconfig: Path, args: list[str], name: str) -> None:
+        self.health_port = free_port()
+        self.log_path = plane.tmp / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        env = {k: v for k, v in os.environ.items() if k not in {"HTTPS_PROXY", "https_proxy"}}
+        env["KUBECONFIG"] = str(kubeconfig)
+        self.proc = subprocess.Popen(
+            [
+                str(OPERATOR_BIN),
+                "run",
+                *args,
+                "--log-level=debug",
+                "--log-format=plain",
+                f"--liveness=http://127.0.0.1:{self.health_port}/healthz",
+            ],
+            env=env,
+            cwd=plane.tmp,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.started = time.monotonic()
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def healthz(self) -> int:
+        """What the chart's `helm test` hook does: GET kopf's liveness endpoint."""
+        url = f"http://127.0.0.1:{self.health_port}/healthz"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.alive(), f"operator exited ({self.proc.returncode}):\n{self.log[-4000:]}"
+            try:
+                if self.healthz() == 200:
+                    return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"no /healthz within {timeout:.0f}s:\n{self.log[-4000:]}"
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+@pytest.fixture
+def run_operator(plane: Plane) -> Iterator[Any]:
+    started: list[Operator] = []
+
+    def start(namespace: str, service_account: str, args: list[str], name: str) -> Operator:
+        token = plane.cp.token_for(namespace, service_account, duration=3600)
+        kubeconfig = plane.cp.kubeconfig_for_token(token, plane.tmp / f"{name}.kubeconfig")
+        operator = Operator(plane, kubeconfig, args, name)
+        started.append(operator)
+        operator.wait_healthy()
+        return operator
+
+    yield start
+    for operator in started:
+        operator.stop()
+
+
+def _apply_sample(plane: Plane, dev: DevServers, namespace: str, name: str = "mail") -> None:
+    """A ConfigMap with the dev CA, the client secret, and a SmtpOAuthConfig using both."""
+    e = dev.endpoints
+    ca_ref = {"configMapKeyRef": {"name": "dev-ca", "key": "ca.pem"}}
+    items = [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "dev-ca", "namespace": namespace},
+            "data": {"ca.pem": Path(e.ca_file).read_text()},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "exo-app", "namespace": namespace},
+            "stringData": {"client-secret": CLIENT_SECRET},
+        },
+        {
+            "apiVersion": "smtpoauth.dev/v1alpha1",
+            "kind": "SmtpOAuthConfig",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "username": e.mailbox,
+                "smtp": {
+                    "host": e.smtp_host,
+                    "port": e.smtp_port,
+                    "connectionTimeoutSeconds": 5,
+                    "caBundle": ca_ref,
+                },
+                "identity": {
+                    "tenantId": e.tenant_id,
+                    "clientId": e.client_id,
+                    "authorityHost": e.authority_host,
+                    "timeoutSeconds": 5,
+                    "caBundle": ca_ref,
+                    "clientSecret": {"secretKeyRef": {"name": "exo-app", "key": "client-secret"}},
+                },
+            },
+        },
+    ]
+    plane.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+
+
+def _ready(plane: Plane, namespace: str, name: str) -> dict[str, Any] | None:
+    obj = plane.get_json("smtpoauthconfig", name, "-n", namespace)
+    for cond in obj.get("status", {}).get("conditions", []):
+        if cond["type"] == "Ready":
+            return dict(cond)
+    return None
+
+
+def _calls(events: list[dict[str, Any]]) -> list[tuple[str, str, str, str, int]]:
+    """(group, resource[/subresource], verb, namespace, code) of each resource request."""
+    calls = []
+    for event in events:
+        ref = event.get("objectRef")
+        if not ref:
+            continue  # discovery (/api, /apis/...): allowed to every authenticated user
+        resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+        calls.append(
+            (
+                ref.get("apiGroup", ""),
+                resource,
+                event["verb"],
+                ref.get("namespace", ""),
+                int(event["responseStatus"]["code"]),
+            )
+        )
+    return calls
+
+
+def _rules(role: Mapping[str, Any]) -> set[tuple[str, str, str]]:
+    granted = set()
+    for rule in role.get("rules", []):
+        if rule.get("resourceNames"):
+            continue
+        for group in rule.get("apiGroups", []):
+            for resource in rule.get("resources", []):
+                for verb in rule.get("verbs", []):
+                    granted.add((group, resource, verb))
+    return granted
+
+
+def _by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d.get("kind") == kind]
+
+
+# --------------------------------------------------------------------------------------------
+# lint, schema, documentation
+
+
+def test_lint_strict_with_defaults_and_with_everything_on(plane: Plane) -> None:
+    plane.helm("lint", "--strict", str(CHART))
+    everything = plane.values_file("everything", EVERYTHING_ON)
+    out = plane.helm("lint", "--strict", str(CHART), "-f", everything).stdout
+    assert "0 chart(s) failed" in out, out
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"replicas": "two"}, "at '/replicas': got string, want integer"),
+        ({"replicass": 2}, "additional properties 'replicass' not allowed"),
+        ({"metrics": {"serviceMonitor": {"enable": True}}}, "additional properties 'enable' not allowed"),
+        ({"operator": {"logLevel": "verbose"}}, "value must be one of 'warning', 'info', 'debug'"),
+        ({"watch": {"namespaces": "team-a"}}, "at '/watch/namespaces': got string, want array"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "at '/image/pullPolicy'"),
+    ],
+)
+def test_schema_rejects_bad_values_with_a_clear_message(
+    plane: Plane, values: dict[str, Any], message: str
+) -> None:
+    path = plane.values_file("bad", values)
+    for command in (["template", "bad"], ["install", "bad", "--dry-run=client"]):
+        result = plane.helm(*command, str(CHART), "-f", path, check=False)
+        assert result.returncode != 0, result.stdout
+        assert "values don't meet the specifications of the schema" in result.stderr, result.stderr
+        assert message in result.stderr, result.stderr
+
+
+def _values_keys(text: str) -> tuple[list[str], list[str]]:
+    """(documented, undocumented) key paths of values.yaml, helm-docs style.
+
+    A key is documented by a comment block above it that contains a `# --` line. A section (a key whose
+    first child is documented) needs none, nor do keys inside a documented default (resources.limits).
+    """
+    lines = text.splitlines()
+    stack: list[tuple[int, str]] = []
+    documented: list[str] = []
+    undocumented: list[str] = []
+    for number, line in enumerate(lines):
+        match = re.match(r"^( *)([A-Za-z][A-Za-z0-9]*):(.*)$", line)
+        if not match:
+            continue
+        indent, key, rest = len(match.group(1)), match.group(2), match.group(3).strip()
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        parents = [k for _, k in stack]
+        path = ".".join([*parents, key])
+        stack.append((indent, key))
+        block = []
+        for previous in reversed(lines[:number]):
+            if not previous.lstrip().startswith("#"):
+                break
+            block.append(previous.strip())
+        following = lines[number + 1].strip() if number + 1 < len(lines) else ""
+        if rest == "" and following.startswith("# --"):
+            continue
+        if any(b.startswith("# --") for b in block):
+            documented.append(path)
+        elif not any(".".join(parents[:i]) in documented for i in range(1, len(parents) + 1)):
+            undocumented.append(path)
+    return documented, undocumented
+
+
+def test_values_are_documented_for_helm_show_values_and_the_readme(plane: Plane) -> None:
+    text = (CHART / "values.yaml").read_text()
+    assert plane.helm("show", "values", str(CHART)).stdout.strip() == text.strip()
+    documented, undocumented = _values_keys(text)
+    assert not undocumented, f"values.yaml: no `# --` comment above {undocumented}"
+    assert len(documented) > 50
+    readme = (CHART / "README.md").read_text()
+    missing = [path for path in documented if f"| `{path}` |" not in readme]
+    assert not missing, f"README.md has no row for {missing}"
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    for path in documented:
+        node = schema
+        for part in path.split("."):
+            assert part in node.get("properties", {}), f"values.schema.json does not describe {path}"
+            node = node["properties"][part]
+
+
+# --------------------------------------------------------------------------------------------
+# rendering, validated by the API server
+
+
+def test_defaults_render_a_safe_standalone_operator_accepted_by_the_api_server(plane: Plane) -> None:
+    plane.ensure_namespace("chart-render")
+    docs = plane.template("smtp", "chart-render")
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        [
+            "ClusterRole",
+            "ClusterRole",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "CustomResourceDefinition",
+            "Deployment",
+            "Pod",  # the helm test hook
+            "Service",
+            "ServiceAccount",
+        ]
+    )
+    out = plane.dry_run_server(plane.helm("template", "smtp", str(CHART), "-n", "chart-render").stdout)
+    assert "deployment.apps/smtp-smtp-oauth-operator created (server dry run)" in out, out
+
+    (deployment,) = _by_kind(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert container["args"] == [
+        "--all-namespaces",
+        "--liveness=http://0.0.0.0:8080/healthz",
+        "--metrics-port=9090",
+        "--workers=8",
+        "--log-level=info",
+        "--log-format=json",
+    ]
+    assert container["image"] == "ghcr.io/smtp-oauth-operator/smtp-oauth-operator:0.1.0"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "fsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert pod["automountServiceAccountToken"] is True
+    (service_account,) = _by_kind(docs, "ServiceAccount")
+    assert service_account["automountServiceAccountToken"] is False
+    (hook,) = _by_kind(docs, "Pod")
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert hook["spec"]["automountServiceAccountToken"] is False
+    assert (
+        "http://smtp-smtp-oauth-operator.chart-render.svc:8080/healthz"
+        in hook["spec"]["containers"][0]["command"][2]
+    )
+
+    (crd,) = _by_kind(docs, "CustomResourceDefinition")
+    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    canonical = yaml.safe_load((REPO_ROOT / "crds" / f"{CRD_NAME}.yaml").read_text())
+    assert crd["spec"] == canonical["spec"], "the rendered CRD is not crds/ (templates/crds.yaml)"
+
+    roles = {r["metadata"]["name"]: r for r in _by_kind(docs, "ClusterRole")}
+    operator_role = roles["smtp-smtp-oauth-operator"]
+    assert _rules(operator_role) == NAMESPACED_RULES | CLUSTER_ONLY_RULES
+    assert not [r for r in operator_role["rules"] if r.get("resourceNames")]
+    view = roles["smtp-smtp-oauth-operator-view"]
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    edit = roles["smtp-smtp-oauth-operator-edit"]
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+
+    no_crd = plane.template("smtp", "chart-render", "--set", "crds.enabled=false")
+    assert not _by_kind(no_crd, "CustomResourceDefinition")
+    not_kept = plane.template("smtp", "chart-render", "--set", "crds.keep=false")
+    assert "annotations" not in _by_kind(not_kept, "CustomResourceDefinition")[0]["metadata"]
+
+
+def test_everything_on_renders_objects_accepted_by_the_api_server(plane: Plane) -> None:
+    """ServiceMonitor and PrometheusRule are validated against the minimal CRDs in e2e/testdata/; the
+    peering CRDs are the chart's own crds/ (installed first, as Helm does)."""
+    plane.kubectl("apply", "-f", str(TESTDATA / "monitoring-crds.yaml"))
+    plane.kubectl("apply", "-f", str(CHART / "crds"))
+    for crd in (
+        "servicemonitors.monitoring.coreos.com",
+        "prometheusrules.monitoring.coreos.com",
+        "clusterkopfpeerings.kopf.dev",
+        "kopfpeerings.kopf.dev",
+    ):
+        plane.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+    for namespace in ("chart-all", "team-a", "team-b"):
+        plane.ensure_namespace(namespace)
+    everything = plane.values_file("everything", EVERYTHING_ON)
+    manifests = plane.helm("template", "smtp", str(CHART), "-n", "chart-all", "-f", everything).stdout
+    out = plane.dry_run_server(manifests)
+    for created in (
+        "servicemonitor.monitoring.coreos.com/smtp-smtp-oauth-operator created",
+        "prometheusrule.monitoring.coreos.com/smtp-smtp-oauth-operator created",
+        "networkpolicy.networking.k8s.io/smtp-smtp-oauth-operator created",
+        "poddisruptionbudget.policy/smtp-smtp-oauth-operator created",
+        "kopfpeering.kopf.dev/smtp-smtp-oauth-operator created",
+        "role.rbac.authorization.k8s.io/smtp-smtp-oauth-operator created",
+    ):
+        assert created in out, out
+
+    docs = [d for d in yaml.safe_load_all(manifests) if d]
+    (deployment,) = _by_kind(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"].endswith("@sha256:" + "0" * 64)
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    args = container["args"]
+    assert args[:2] == ["--namespace=team-a", "--namespace=team-b"]
+    assert "--all-namespaces" not in args
+    assert "--peering=smtp-smtp-oauth-operator" in args
+    assert "--log-level=debug" in args
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["HTTPS_PROXY"] == "http://proxy.corp.example:3128"
+    assert env["NO_PROXY"] == ".svc,.cluster.local"
+    assert env["SSL_CERT_FILE"] == env["REQUESTS_CA_BUNDLE"] == "/etc/smtp-oauth-operator/ca/ca-bundle.crt"
+    assert env["EXTRA"] == "1"
+    (init,) = pod["initContainers"]
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {v["name"] for v in pod["volumes"]} == {"tmp", "extra-ca", "ca-bundle"}
+
+    # Namespaced: no cluster-wide grant to the operator; a Role with the same rules in each namespace,
+    # plus the peering object's.
+    cluster_roles = [r["metadata"]["name"] for r in _by_kind(docs, "ClusterRole")]
+    assert sorted(cluster_roles) == ["smtp-smtp-oauth-operator-edit", "smtp-smtp-oauth-operator-view"]
+    assert not _by_kind(docs, "ClusterRoleBinding")
+    roles = _by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    for role in roles:
+        assert _rules(role) == NAMESPACED_RULES | {
+            ("kopf.dev", "kopfpeerings", "list"),
+            ("kopf.dev", "kopfpeerings", "watch"),
+        }
+        (named,) = [r for r in role["rules"] if r.get("resourceNames")]
+        assert named == {
+            "apiGroups": ["kopf.dev"],
+            "resources": ["kopfpeerings"],
+            "resourceNames": ["smtp-smtp-oauth-operator"],
+            "verbs": ["patch"],
+        }
+    peerings = _by_kind(docs, "KopfPeering")
+    assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
+
+    (rule,) = _by_kind(docs, "PrometheusRule")
+    alerts = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
+    assert alerts["SmtpOAuthClientSecretExpiringSoon"]["expr"] == (
+        "smtpoauth_client_secret_expiration_timestamp_seconds - time() < 14 * 24 * 3600"
+    )
+    assert alerts["SmtpOAuthNotReady"]["expr"] == "smtpoauth_ready == 0"
+    assert alerts["SmtpOAuthNotReady"]["for"] == "15m"
+    assert "{{ $labels.namespace }}" in alerts["SmtpOAuthNotReady"]["annotations"]["summary"]
+
+    (policy,) = _by_kind(docs, "NetworkPolicy")
+    egress_ports = [sorted(p["port"] for p in rule.get("ports", [])) for rule in policy["spec"]["egress"]]
+    assert egress_ports == [[53, 53], [443, 6443], [443, 465, 587], [3128]]
+
+    # Cluster-wide with a hot standby: a ClusterKopfPeering and patch on that one object only.
+    cluster_docs = plane.template("smtp", "chart-all", "--set", "replicas=3")
+    (peering,) = _by_kind(cluster_docs, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "smtp-smtp-oauth-operator"
+    operator_role = next(
+        r
+        for r in _by_kind(cluster_docs, "ClusterRole")
+        if r["metadata"]["name"] == "smtp-smtp-oauth-operator"
+    )
+    assert _rules(operator_role) >= {("kopf.dev", "clusterkopfpeerings", "watch")}
+    assert ("kopf.dev", "clusterkopfpeerings", "patch") not in _rules(operator_role)
+
+
+def test_a_service_monitor_without_the_metrics_service_is_refused(plane: Plane) -> None:
+    result = plane.helm(
+        "template", "smtp", str(CHART), "--set", "metrics.serviceMonitor.enabled=true",
+        "--set", "service.enabled=false", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "metrics.serviceMonitor.enabled needs metrics.enabled and service.enabled" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# install, upgrade, uninstall
+
+
+def test_install_upgrade_uninstall_keeps_the_crd(plane: Plane) -> None:
+    release, namespace = "lifecycle", "chart-lifecycle"
+    existing = plane.kubectl("get", "crd", CRD_NAME, "-o", "json", check=False)
+    if existing.returncode == 0:
+        owner = (
+            json.loads(existing.stdout)["metadata"].get("annotations", {}).get("meta.helm.sh/release-name")
+        )
+        if owner != release:  # created by another test with kubectl: Helm would refuse to adopt it
+            plane.kubectl("delete", "crd", CRD_NAME, "--wait=true", "--timeout=60s")
+
+    plane.helm("install", release, str(CHART), "-n", namespace, "--create-namespace")
+    plane.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    crd = plane.get_json("crd", CRD_NAME)
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert crd["metadata"]["annotations"]["meta.helm.sh/release-name"] == release
+    deployment = plane.get_json("deployment", "lifecycle-smtp-oauth-operator", "-n", namespace)
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--log-level=info" in args
+    assert "--all-namespaces" in args
+    plane.get_json("clusterrole", "lifecycle-smtp-oauth-operator")
+    plane.get_json("clusterrolebinding", "lifecycle-smtp-oauth-operator")
+    sa = plane.get_json("serviceaccount", "lifecycle-smtp-oauth-operator", "-n", namespace)
+    assert sa["automountServiceAccountToken"] is False
+
+    # Upgrade: debug logs, and watching one namespace (Roles instead of the ClusterRole).
+    plane.ensure_namespace("chart-lifecycle-watched")
+    plane.helm(
+        "upgrade", release, str(CHART), "-n", namespace, "--reuse-values",
+        "--set", "operator.logLevel=debug", "--set", "watch.namespaces={chart-lifecycle-watched}",
+    )  # fmt: skip
+    deployment = plane.get_json("deployment", "lifecycle-smtp-oauth-operator", "-n", namespace)
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--log-level=debug" in args
+    assert "--namespace=chart-lifecycle-watched" in args
+    assert "--all-namespaces" not in args
+    gone = plane.kubectl("get", "clusterrole", "lifecycle-smtp-oauth-operator", check=False)
+    assert "NotFound" in gone.stderr
+    plane.get_json("role", "lifecycle-smtp-oauth-operator", "-n", "chart-lifecycle-watched")
+    plane.get_json("rolebinding", "lifecycle-smtp-oauth-operator", "-n", "chart-lifecycle-watched")
+    history = json.loads(plane.helm("history", release, "-n", namespace, "-o", "json").stdout)
+    assert [h["revision"] for h in history] == [1, 2]
+    assert history[-1]["status"] == "deployed"
+
+    # Uninstall: everything goes but the CRD (and so every SmtpOAuthConfig stays).
+    out = plane.helm("uninstall", release, "-n", namespace).stdout
+    assert "kept due to the resource policy" in out or CRD_NAME in out, out
+    assert "NotFound" in plane.kubectl("get", "deployment", "-n", namespace, "lifecycle-smtp-oauth-operator",
+                                       check=False).stderr  # fmt: skip
+    assert "NotFound" in plane.kubectl("get", "role", "-n", "chart-lifecycle-watched",
+                                       "lifecycle-smtp-oauth-operator", check=False).stderr  # fmt: skip
+    plane.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=10s")
+
+    # The same release installs again over the kept CRD.
+    plane.helm("install", release, str(CHART), "-n", namespace)
+    plane.helm("uninstall", release, "-n", namespace)
+    plane.get_json("crd", CRD_NAME)
+
+
+# --------------------------------------------------------------------------------------------
+# RBAC: the chart's ServiceAccount is enough, and exactly enough
+
+
+def test_cluster_wide_rbac_is_sufficient_and_is_exactly_what_the_operator_uses(
+    plane: Plane, dev: DevServers, crd_installed: None, run_operator: Any
+) -> None:
+    release, namespace, watched = "rbac", "chart-rbac", "chart-rbac-mail"
+    plane.ensure_namespace(watched)
+    plane.helm("install", release, str(CHART), "-n", namespace, "--create-namespace",
+               "--set", "crds.enabled=false")  # fmt: skip
+    sa = "rbac-smtp-oauth-operator"
+    operator = run_operator(namespace, sa, ["--all-namespaces"], "rbac")
+
+    _apply_sample(plane, dev, watched)
+    wait = plane.kubectl(
+        "wait", "--for=condition=Ready", "smtpoauthconfig/mail", "-n", watched, "--timeout=90s", check=False
+    )
+    assert wait.returncode == 0, f"{wait.stderr}\n{_ready(plane, watched, 'mail')}\n{operator.log[-4000:]}"
+    assert operator.healthz() == 200  # what `helm test` checks
+    events = plane.get_json("events", "-n", watched, "--field-selector", "involvedObject.name=mail")
+    assert events["items"], "the operator posted no Event"
+    assert operator.alive()
+
+    calls = _calls(plane.audit(f"system:serviceaccount:{namespace}:{sa}"))
+    assert calls, "no audited calls from the operator"
+    denied = [c for c in calls if c[4] == 403]
+    assert not denied, f"the chart's RBAC denied: {denied}"
+    used = {(g, r, v) for g, r, v, _, _ in calls}
+    role = plane.get_json("clusterrole", "rbac-smtp-oauth-operator")
+    granted = _rules(role)
+    assert used <= granted
+    assert granted - used == set(), f"granted but never used: {granted - used}"
+    assert "Forbidden" not in operator.log
+    assert CLIENT_SECRET not in operator.log
+
+
+def test_namespaced_rbac_is_sufficient_without_any_cluster_wide_permission(
+    plane: Plane, dev: DevServers, crd_installed: None, run_operator: Any
+) -> None:
+    release, namespace, watched = "rbacns", "chart-rbacns", "chart-rbacns-mail"
+    plane.ensure_namespace(watched)
+    plane.helm("install", release, str(CHART), "-n", namespace, "--create-namespace",
+               "--set", "crds.enabled=false", "--set", f"watch.namespaces={{{watched}}}")  # fmt: skip
+    sa = "rbacns-smtp-oauth-operator"
+    assert "NotFound" in plane.kubectl("get", "clusterrolebinding", sa, check=False).stderr
+    deployment = plane.get_json("deployment", sa, "-n", namespace)
+    args = [
+        a
+        for a in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        if a.startswith("--namespace")
+    ]
+    assert args == [f"--namespace={watched}"]
+
+    operator = run_operator(namespace, sa, args, "rbacns")
+    _apply_sample(plane, dev, watched)
+    wait = plane.kubectl(
+        "wait", "--for=condition=Ready", "smtpoauthconfig/mail", "-n", watched, "--timeout=90s", check=False
+    )
+    assert wait.returncode == 0, f"{wait.stderr}\n{_ready(plane, watched, 'mail')}\n{operator.log[-4000:]}"
+
+    calls = _calls(plane.audit(f"system:serviceaccount:{namespace}:{sa}"))
+    assert not [c for c in calls if c[4] == 403], calls
+    assert {c[3] for c in calls} == {watched}, "a call outside the watched namespace"
+    assert {(g, r, v) for g, r, v, _, _ in calls} == NAMESPACED_RULES
+    assert "Forbidden" not in operator.log
+
+
+def test_a_missing_permission_is_a_log_line_and_a_condition_not_a_crash_loop(
+    plane: Plane, dev: DevServers, crd_installed: None, run_operator: Any
+) -> None:
+    release, namespace, watched = "deny", "chart-deny", "chart-deny-mail"
+    plane.ensure_namespace(watched)
+    plane.helm("install", release, str(CHART), "-n", namespace, "--create-namespace",
+               "--set", "crds.enabled=false")  # fmt: skip
+    sa = "deny-smtp-oauth-operator"
+    # An operator whose ClusterRole lost the ConfigMaps rule (an old chart, a hand-edited role, a policy engine).
+    role = plane.get_json("clusterrole", sa)
+    index = next(i for i, r in enumerate(role["rules"]) if r["resources"] == ["configmaps"])
+    plane.kubectl("patch", "clusterrole", sa, "--type=json",
+                  "-p", json.dumps([{"op": "remove", "path": f"/rules/{index}"}]))  # fmt: skip
+    can = plane.kubectl("auth", "can-i", "list", "configmaps", f"--as=system:serviceaccount:{namespace}:{sa}",
+                        "-A", check=False)  # fmt: skip
+    assert can.stdout.strip() == "no"
+
+    operator = run_operator(namespace, sa, ["--all-namespaces"], "deny")
+    _apply_sample(plane, dev, watched)
+    deadline = time.monotonic() + 60
+    while (ready := _ready(plane, watched, "mail")) is None or ready["reason"] != "AccessDenied":
+        assert time.monotonic() < deadline, f"{ready}\n{operator.log[-4000:]}"
+        time.sleep(0.5)
+    assert ready["status"] == "False"
+    assert ready["message"].startswith("The operator's ServiceAccount may not get ConfigMap"), ready
+    assert "403" in ready["message"]
+
+    # kopf gives up on a request after ~54 s of retries and then stops the operator: outlive that.
+    while time.monotonic() - operator.started < 70:
+        assert operator.alive(), f"the operator exited ({operator.proc.returncode}):\n{operator.log[-4000:]}"
+        time.sleep(1)
+    assert operator.alive()
+    assert operator.healthz() == 200
+    assert re.search(r'configmaps is forbidden: User "system:serviceaccount:chart-deny:deny-smtp-oauth-operator" '
+                     r'cannot list resource "configmaps"', operator.log)  # fmt: skip
+    assert "will retry" in operator.log
+    assert "escalating" not in operator.log
+
+    # Granting the rule back heals it without a restart: the watch resumes, the resource gets Ready.
+    plane.helm("upgrade", release, str(CHART), "-n", namespace, "--reuse-values")
+    plane.kubectl(
+        "annotate", "smtpoauthconfig", "mail", "-n", watched, "smtpoauth.dev/recheck=after-rbac-fix"
+    )
+    wait = plane.kubectl(
+        "wait", "--for=condition=Ready", "smtpoauthconfig/mail", "-n", watched, "--timeout=90s", check=False
+    )
+    assert wait.returncode == 0, f"{wait.stderr}\n{_ready(plane, watched, 'mail')}\n{operator.log[-4000:]}"
