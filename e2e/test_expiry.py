@@ -32,6 +32,15 @@ def _wait_events(ns: Namespace, name: str, reason: str, count: int = 1, timeout:
     )
 
 
+def _recheck_and_wait(ns: Namespace, name: str, value: str) -> None:
+    ns.kubectl("annotate", "smtpoauthconfig", name, f"smtpoauth.dev/recheck={value}", "--overwrite")
+    wait_until(
+        lambda: ns.config(name)["status"].get("handledRecheck") == value,
+        timeout=30,
+        what=f"{name} to handle recheck {value}",
+    )
+
+
 def _alarm_mails(dev: Dev, app: Any) -> list[Any]:
     return [m for m in dev.messages(app) if ADMIN in m.rcpt_tos]
 
@@ -147,6 +156,9 @@ def test_a_date_already_past_means_expired(ns: Namespace, dev: Dev, operator: Op
     assert len(expired) == 1
     assert expired[0]["type"] == "Warning"
     assert "ClientSecretExpired" in ns.kubectl("get", "smtpoauthconfig", "mail").stdout
+    # Another check (here forced) does not raise the alarm again.
+    _recheck_and_wait(ns, "mail", "again")
+    assert ns.count_events("mail", "ClientSecretExpired") == 1
 
 
 def test_identity_provider_saying_expired_wins(ns: Namespace, dev: Dev, operator: OperatorProcess) -> None:
@@ -160,8 +172,12 @@ def test_identity_provider_saying_expired_wins(ns: Namespace, dev: Dev, operator
     cond = ns.condition(obj, "CredentialExpiring")
     assert cond is not None
     assert (cond["status"], cond["reason"]) == ("True", "Expired"), cond
-    assert dev.idp.token_requests_for(app.client_id) >= 1
+    requests = dev.idp.token_requests_for(app.client_id)
+    assert requests >= 1
     _wait_events(ns, "mail", "ClientSecretExpired")
+    _recheck_and_wait(ns, "mail", "again")
+    assert dev.idp.token_requests_for(app.client_id) > requests  # really asked Entra ID again
+    assert ns.count_events("mail", "ClientSecretExpired") == 1
 
 
 def _series(text: str, metric: str, namespace: str, name: str) -> list[float]:
@@ -244,7 +260,7 @@ def test_the_next_threshold_is_alarmed_on_time(ns: Namespace, dev: Dev, operator
     """No poll loop: the resource's timer is set to its next threshold and fires then."""
     app = dev.new_app()
     ns.secret(app.secret)
-    threshold_at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=12)
+    threshold_at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=15)
     spec = dev.spec(app, alarms={"warnBeforeDays": [1]})
     spec["identity"]["clientSecret"]["expiresAt"] = _rfc3339(threshold_at + timedelta(days=1))
     ns.smtp_oauth_config("mail", spec)
