@@ -14,10 +14,15 @@ from prometheus_client.parser import text_string_to_metric_families
 pytestmark = pytest.mark.e2e
 
 ADMIN = "admin@contoso.com"
+EXPIRY_METRIC = "smtpoauth_client_secret_expiration_timestamp_seconds"
 
 
 def _rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _epoch(rfc3339: str) -> float:
+    return datetime.strptime(rfc3339, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
 
 
 def _in(days: float) -> str:
@@ -100,6 +105,14 @@ def test_expiring_soon_alarms_once_mails_the_admin_and_clears_on_rotation(
     time.sleep(3)
     assert ns.count_events("mail", "ClientSecretExpiringSoon") == 1
     assert len(_alarm_mails(dev, app)) == 1
+    # The restarted process exports the resource again without re-testing it: alerts stay armed.
+    text = wait_until(
+        lambda: (t := operator.metrics()) and _series(t, "smtpoauth_ready", ns.name, "mail") and t,
+        timeout=10,
+        what="the metrics after the restart",
+    )
+    assert _series(text, "smtpoauth_ready", ns.name, "mail") == [1.0]
+    assert _series(text, EXPIRY_METRIC, ns.name, "mail") == [_epoch(expires)]
 
     # A rotation: the date moves a year ahead.
     later = _in(365)
@@ -204,13 +217,13 @@ def test_metrics_follow_the_resource_and_go_with_it(
     ns.smtp_oauth_config("mail", spec)
     ns.kubectl("wait", "--for=condition=Ready", "smtpoauthconfig/mail", "--timeout=30s")
 
-    expiry_metric = "smtpoauth_client_secret_expiration_timestamp_seconds"
+    expiry_metric = EXPIRY_METRIC
     text = wait_until(
         lambda: (t := operator.metrics()) and _series(t, "smtpoauth_ready", ns.name, "mail") == [1.0] and t,
         timeout=10,
         what="smtpoauth_ready = 1",
     )
-    expected = datetime.strptime(expires, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    expected = _epoch(expires)
     assert _series(text, expiry_metric, ns.name, "mail") == [expected]
     assert _series(text, "smtpoauth_connection_tests_total", ns.name, "mail") == [1.0]
 
