@@ -105,11 +105,16 @@ def test_invalid_specs_are_rejected_at_apply_time(ns: Namespace, crds: str) -> N
 
 
 def test_printer_columns(ns: Namespace, dev: Dev, operator: OperatorProcess) -> None:
-    _ready(ns, dev)
+    app = dev.new_app()
+    ns.secret(app.secret)
+    spec = dev.spec(app)
+    spec["identity"]["clientSecret"]["expiresAt"] = "2031-05-31T00:00:00Z"
+    ns.smtp_oauth_config("mail", spec)
+    ns.kubectl("wait", "--for=condition=Ready", "smtpoauthconfig/mail", "--timeout=30s")
     out = ns.kubectl("get", "smtpoauthconfigs").stdout.splitlines()
     assert out[0].split() == ["NAME", "READY", "REASON", "EXPIRES", "AGE"], out[0]
     row = out[1].split()
-    assert row[:3] == ["mail", "True", "ConnectionTested"], out[1]
+    assert row[:4] == ["mail", "True", "ConnectionTested", "2031-05-31T00:00:00Z"], out[1]
     wide = ns.kubectl("get", "smtpoauthconfigs", "-o", "wide").stdout.splitlines()
     header = wide[0]
     for column in ("USERNAME", "SMTP", "LAST TEST", "MESSAGE"):
@@ -192,3 +197,30 @@ def test_operator_restart_does_not_retest_or_repeat_events(
     assert dev.idp.token_requests_for(app.client_id) == tokens
     assert ns.config("mail")["metadata"]["resourceVersion"] == version
     assert ns.event_reasons("mail") == events
+
+
+def test_changes_made_while_the_operator_is_down_are_handled_at_start(
+    ns: Namespace, dev: Dev, operator: OperatorProcess
+) -> None:
+    app = _ready(ns, dev)
+    app2 = dev.new_app()
+    ns.secret(app2.secret, name="exo-app-2")
+    ns.smtp_oauth_config("other", dev.spec(app2, secret_name="exo-app-2"))
+    ns.wait_for_condition("other", "Ready", "True", "ConnectionTested")
+    attempts = len(dev.auth_attempts(app2))
+    rc = operator.stop()
+    assert rc == 0, operator.tail()
+    try:
+        ns.secret(dev.new_secret())  # a rotation gone wrong, while nobody watched
+        ns.kubectl("annotate", "smtpoauthconfig", "other", "smtpoauth.dev/recheck=while-down")
+    finally:
+        operator.start()
+    ns.wait_for_condition("mail", "Ready", "False", "InvalidClientSecret")
+    wait_until(
+        lambda: ns.config("other")["status"].get("handledRecheck") == "while-down",
+        timeout=30,
+        what="the recheck requested while the operator was down",
+    )
+    assert len(dev.auth_attempts(app2)) == attempts + 1
+    ns.secret(app.secret)
+    ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested")

@@ -172,6 +172,21 @@ def test_deleted_secret_and_rotated_ca_bundle_are_noticed(
     assert reasons.count("ConnectionTestSucceeded") == 3, reasons
 
 
+def test_one_secret_rotation_retests_every_user(ns: Namespace, dev: Dev, operator: OperatorProcess) -> None:
+    app = dev.new_app()
+    ns.secret(app.secret)
+    for name in ("first", "second"):
+        ns.smtp_oauth_config(name, dev.spec(app))
+    for name in ("first", "second"):
+        ns.wait_for_condition(name, "Ready", "True", "ConnectionTested")
+    ns.secret(dev.new_secret())
+    for name in ("first", "second"):
+        ns.wait_for_condition(name, "Ready", "False", "InvalidClientSecret")
+    ns.kubectl("delete", "smtpoauthconfig", "first")
+    ns.secret(app.secret)
+    ns.wait_for_condition("second", "Ready", "True", "ConnectionTested")
+
+
 # --------------------------------------------------------------------------------------------
 # leak canary
 
