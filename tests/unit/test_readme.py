@@ -45,7 +45,9 @@ def test_every_failure_reason_has_a_row_with_its_remedy() -> None:
 
 def test_the_two_commands_are_the_makefile_targets() -> None:
     makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
-    assert "| `make demo` |" in README and "\ndemo:" in makefile
-    assert "| `make test` |" in README and "\ntest:" in makefile
+    assert "| `make demo` |" in README
+    assert "\ndemo:" in makefile
+    assert "| `make test` |" in README
+    assert "\ntest:" in makefile
     ci = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
     assert "make test" in ci
