@@ -135,8 +135,10 @@ def main() -> int:
                 show(cp, "-n", "mail", "get", "smtpoauthconfigs", "-o", "wide")
                 show(cp, "events", "-n", "mail", "--for", "smtpoauthconfig/alerts-broken")
                 for mail in dev.exchange.messages:
-                    print(f"  alarm e-mail received by the local SMTP server: To {', '.join(mail.rcpt_tos)}: "
-                          f"{mail.message['Subject']}")
+                    print(
+                        f"  alarm e-mail received by the local SMTP server: To {', '.join(mail.rcpt_tos)}: "
+                        f"{mail.message['Subject']}"
+                    )
 
                 banner("Fix the broken one's Secret: the operator re-tests within seconds, no restart")
                 cp.kubectl(
