@@ -24,7 +24,6 @@ Function-scoped:
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -499,7 +498,3 @@ def ns(control_plane: ControlPlane, crds: str, dev: Dev, request: pytest.Fixture
         }
     )
     return namespace
-
-
-def b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
