@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -224,3 +225,31 @@ def test_changes_made_while_the_operator_is_down_are_handled_at_start(
     assert len(dev.auth_attempts(app2)) == attempts + 1
     ns.secret(app.secret)
     ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested")
+
+
+def test_throttled_retries_no_sooner_than_retry_after_and_posts_one_event(
+    ns: Namespace, dev: Dev, operator: OperatorProcess
+) -> None:
+    """Entra ID's 429 says when to come back; a fleet throttled together must not come back early."""
+    tenant = dev.new_tenant()
+    names = [f"fleet-{i}" for i in range(6)]
+    dev.idp.throttle(retry_after=300, tenant=tenant)
+    try:
+        for name in names:
+            app = dev.new_app(tenant_id=tenant)
+            ns.secret(app.secret, name=name)
+            ns.smtp_oauth_config(name, dev.spec(app, secret_name=name))
+        objs = [ns.wait_for_condition(name, "Ready", "False", "Throttled") for name in names]
+    finally:
+        dev.idp.clear_faults()
+    early = []
+    for obj in objs:
+        status = obj["status"]
+        tested = datetime.fromisoformat(status["lastTestTime"])
+        due = datetime.fromisoformat(status["nextTestTime"])
+        if (due - tested).total_seconds() < 300:
+            early.append(f"{obj['metadata']['name']}: next test {due - tested} after the 429")
+        assert (due - tested).total_seconds() <= 3600, status  # and not beyond recheckInterval (1h)
+    assert not early, "retrying before Retry-After (300 s):\n" + "\n".join(early)
+    for name in names:
+        assert ns.count_events(name, "ConnectionTestFailed") == 1

@@ -45,10 +45,13 @@ class Pass:
 
 def backoff(failures: int, interval: timedelta, retry_after: float | None) -> timedelta:
     delay = min(BACKOFF_BASE * 2 ** max(failures - 1, 0), BACKOFF_CAP, interval)
-    if retry_after:
-        delay = max(delay, timedelta(seconds=min(retry_after, 3600)))
     # Jitter spreads a fleet of resources that failed together (an outage) over the window.
     jittered: timedelta = delay * random.uniform(0.9, 1.1)  # noqa: S311 - not cryptographic
+    if retry_after:
+        # The peer said when to come back: never sooner (jittering it could be 10% early), so a fleet
+        # throttled together is spread over the time after Retry-After only.
+        floor = timedelta(seconds=min(retry_after, 3600))
+        jittered = max(jittered, floor * random.uniform(1.0, 1.1))  # noqa: S311 - not cryptographic
     return jittered
 
 
