@@ -46,6 +46,9 @@ def test_ready_then_broken_secret_then_fixed(ns: Namespace, dev: Dev, operator: 
     app = _ready(ns, dev)
     obj = ns.config("mail")
     assert ns.condition(obj, "Ready")["reason"] == "ConnectionTested"  # type: ignore[index]
+    generation = obj["metadata"]["generation"]
+    assert obj["status"]["observedGeneration"] == generation
+    assert {c["observedGeneration"] for c in obj["status"]["conditions"]} == {generation}
     assert ns.condition(obj, "SmtpAuthenticated")["status"] == "True"  # type: ignore[index]
     assert len([a for a in dev.auth_attempts(app) if a.code == 235]) >= 1  # the server saw the AUTH
     assert ns.count_events("mail", "ConnectionTestSucceeded") == 1
@@ -129,6 +132,15 @@ def test_survives_an_apiserver_restart(
     control_plane: ControlPlane, ns: Namespace, dev: Dev, operator: OperatorProcess
 ) -> None:
     app = _ready(ns, dev)
+    # An expiring one too: its alarm must not be raised again by the re-list after the restart.
+    app3 = dev.new_app()
+    ns.secret(app3.secret, name="exo-app-3")
+    spec = dev.spec(app3, secret_name="exo-app-3")
+    spec["identity"]["clientSecret"]["expiresAt"] = "2000-01-01T00:00:00Z"  # long expired
+    ns.smtp_oauth_config("expired", spec)
+    ns.wait_for_condition("expired", "Ready", "False", "ClientSecretExpired")
+    wait_until(lambda: ns.count_events("expired", "ClientSecretExpired") == 1, timeout=30, what="alarm")
+    expired_events = ns.event_reasons("expired")
     pid = operator.proc.pid if operator.proc else None
     control_plane.restart_apiserver()
     operator.check_alive()
@@ -147,6 +159,11 @@ def test_survives_an_apiserver_restart(
     assert operator.proc is not None
     assert operator.proc.pid == pid
     operator.check_alive()
+    # Events: exactly those of the changes made, none from re-listing after the restart.
+    reasons = ns.event_reasons("mail")
+    assert reasons.count("ConnectionTestSucceeded") == 2, reasons
+    assert reasons.count("ConnectionTestFailed") == 1, reasons
+    assert sorted(ns.event_reasons("expired")) == sorted(expired_events)
 
 
 def test_recheck_annotation_triggers_a_retest(ns: Namespace, dev: Dev, operator: OperatorProcess) -> None:
@@ -253,3 +270,28 @@ def test_throttled_retries_no_sooner_than_retry_after_and_posts_one_event(
     assert not early, "retrying before Retry-After (300 s):\n" + "\n".join(early)
     for name in names:
         assert ns.count_events(name, "ConnectionTestFailed") == 1
+
+
+def test_a_spec_change_is_tested_and_reported_for_its_generation(
+    ns: Namespace, dev: Dev, operator: OperatorProcess
+) -> None:
+    _ready(ns, dev)
+    patch = {"spec": {"identity": {"tenantId": "contoso-nowhere.onmicrosoft.com"}}}
+    ns.kubectl("patch", "smtpoauthconfig", "mail", "--type=merge", "-p", json.dumps(patch))
+    obj = ns.wait_for_condition("mail", "Ready", "False", "TenantNotFound")
+    generation = obj["metadata"]["generation"]
+    assert generation == 2
+    assert obj["status"]["observedGeneration"] == generation
+    assert ns.condition(obj, "Ready")["observedGeneration"] == generation  # type: ignore[index]
+    assert ns.condition(obj, "TokenAcquired")["status"] == "False"  # type: ignore[index]
+    assert ns.condition(obj, "SmtpAuthenticated")["status"] == "Unknown"  # type: ignore[index]
+    ns.kubectl(
+        "patch",
+        "smtpoauthconfig",
+        "mail",
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"identity": {"tenantId": dev.tenant_id}}}),
+    )
+    obj = ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested")
+    assert obj["status"]["observedGeneration"] == 3
