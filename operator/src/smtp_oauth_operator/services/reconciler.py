@@ -67,6 +67,15 @@ def _refs(namespace: str, spec: Any) -> set[RefKey]:
     return refs
 
 
+def _slim(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The body as kept between passes: without metadata.managedFields, which no pass reads and which
+    is more than half of a parsed SmtpOAuthConfig's memory (26 KiB -> 11 KiB each)."""
+    meta = body.get("metadata") or {}
+    if "managedFields" not in meta:
+        return body
+    return {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+
+
 def _status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     patch = {k: v for k, v in new.items() if old.get(k) != v}
     patch.update({k: None for k in old if k not in new})
@@ -98,6 +107,7 @@ class Reconciler:
     # -- feeding ---------------------------------------------------------------------------------
 
     def observe(self, body: Mapping[str, Any]) -> None:
+        body = _slim(body)
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace")), str(meta.get("name")))
         entry = self._entries.get(key)
@@ -281,7 +291,7 @@ class Reconciler:
             if updated is not None and key in self._entries:
                 # Keep our own write as the latest known version, so that a pass before the watch
                 # event arrives does not re-test on stale status.
-                entry.body = updated
+                entry.body = _slim(updated)
         for event in decision.events:
             await self.kube.post_event(body, event.type, event.reason, event.message)
         if failure is not None and alarm is not None and not alarm.retry and result.spec is not None:
