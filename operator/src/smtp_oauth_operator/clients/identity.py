@@ -110,8 +110,10 @@ class _App:
         session = requests.Session()
         session.trust_env = False
         session.verify = True
-        if request.ca_pem:
-            session.mount("https://", _TrustAdapter(_trust(request.ca_pem)))
+        # Always our context, also without a caBundle: requests would otherwise verify against certifi's
+        # bundle and ignore the system store and SSL_CERT_FILE (the chart's extraCaBundle), which the
+        # SMTP client honours.
+        session.mount("https://", _TrustAdapter(_trust(request.ca_pem or "")))
         if request.proxy_url:
             session.proxies = {"https": request.proxy_url, "http": request.proxy_url}
         session.hooks["response"].append(self._record)
@@ -141,9 +143,11 @@ class _App:
 
 @functools.lru_cache(maxsize=64)
 def _trust(ca_pem: str) -> ssl.SSLContext:
-    """The system's trust anchors plus ``ca_pem``, loaded once per bundle and shared by every app."""
+    """The system's trust anchors (``SSL_CERT_FILE`` when set) plus ``ca_pem`` if any, loaded once per
+    bundle and shared by every app."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    context.load_verify_locations(cadata=ca_pem)
+    if ca_pem:
+        context.load_verify_locations(cadata=ca_pem)
     return context
 
 
