@@ -19,6 +19,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -191,7 +192,7 @@ class Operator:
                 "run",
                 *args,
                 "--log-level=debug",
-                "--log-format=plain",
+                "--log-format=full",
                 f"--liveness=http://127.0.0.1:{self.health_port}/healthz",
             ],
             env=env,
@@ -255,11 +256,11 @@ def run_operator(plane: Plane) -> Iterator[Any]:
         operator.stop()
 
 
-def _apply_sample(plane: Plane, dev: DevServers, namespace: str, name: str = "mail") -> None:
+def _sample_items(dev: DevServers, namespace: str, name: str = "mail") -> list[dict[str, Any]]:
     """A ConfigMap with the dev CA, the client secret, and a SmtpOAuthConfig using both."""
     e = dev.endpoints
     ca_ref = {"configMapKeyRef": {"name": "dev-ca", "key": "ca.pem"}}
-    items = [
+    return [
         {
             "apiVersion": "v1",
             "kind": "ConfigMap",
@@ -282,19 +283,23 @@ def _apply_sample(plane: Plane, dev: DevServers, namespace: str, name: str = "ma
                     "host": e.smtp_host,
                     "port": e.smtp_port,
                     "connectionTimeoutSeconds": 5,
-                    "caBundle": ca_ref,
+                    "caBundle": dict(ca_ref),
                 },
                 "identity": {
                     "tenantId": e.tenant_id,
                     "clientId": e.client_id,
                     "authorityHost": e.authority_host,
                     "timeoutSeconds": 5,
-                    "caBundle": ca_ref,
+                    "caBundle": dict(ca_ref),
                     "clientSecret": {"secretKeyRef": {"name": "exo-app", "key": "client-secret"}},
                 },
             },
         },
     ]
+
+
+def _apply_sample(plane: Plane, dev: DevServers, namespace: str, name: str = "mail") -> None:
+    items = _sample_items(dev, namespace, name)
     plane.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
 
 
@@ -793,3 +798,86 @@ def test_a_missing_permission_is_a_log_line_and_a_condition_not_a_crash_loop(
         "wait", "--for=condition=Ready", "smtpoauthconfig/mail", "-n", watched, "--timeout=90s", check=False
     )
     assert wait.returncode == 0, f"{wait.stderr}\n{_ready(plane, watched, 'mail')}\n{operator.log[-4000:]}"
+
+
+def test_replicas_two_are_one_active_operator_and_a_hot_standby(
+    plane: Plane, dev: DevServers, crd_installed: None, run_operator: Any
+) -> None:
+    release, namespace, watched = "peer", "chart-peer", "chart-peer-mail"
+    plane.ensure_namespace(watched)
+    plane.helm("install", release, str(CHART), "-n", namespace, "--create-namespace",
+               "--set", "crds.enabled=false", "--set", "replicas=2")  # fmt: skip
+    sa = peering = "peer-smtp-oauth-operator"
+    plane.get_json("clusterkopfpeering", peering)
+    deployment = plane.get_json("deployment", sa, "-n", namespace)
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert f"--peering={peering}" in args
+
+    first = run_operator(namespace, sa, ["--all-namespaces", f"--peering={peering}"], "peer-1")
+    second = run_operator(namespace, sa, ["--all-namespaces", f"--peering={peering}"], "peer-2")
+    priority = {}
+    for op in (first, second):
+        found = re.search(r"Peering '[^']+' with priority (\d+)", op.log)
+        assert found, op.log[-3000:]
+        priority[op] = int(found.group(1))
+    active, standby = sorted((first, second), key=priority.__getitem__, reverse=True)
+
+    def paused(op: Operator) -> bool:
+        resumed = op.log.rfind("Resuming operations after the pause")
+        return resumed == -1 or op.log.rfind("Pausing operations in favour of") > resumed
+
+    # Before the second keepalive lands, the first Pod is alone and works: wait for the settled state.
+    deadline = time.monotonic() + 30
+    while not (paused(standby) and not paused(active)):
+        assert time.monotonic() < deadline, f"{active.log[-3000:]}\n{standby.log[-3000:]}"
+        time.sleep(0.3)
+    status = plane.get_json("clusterkopfpeering", peering).get("status", {})
+    assert sorted(p["priority"] for p in status.values()) == sorted(priority.values())
+
+    _apply_sample(plane, dev, watched)
+    wait = plane.kubectl(
+        "wait", "--for=condition=Ready", "smtpoauthconfig/mail", "-n", watched, "--timeout=90s", check=False
+    )
+    assert wait.returncode == 0, f"{wait.stderr}\n{active.log[-3000:]}\n{standby.log[-3000:]}"
+    assert f"Tested {watched}/mail" in active.log
+    assert f"Tested {watched}/mail" not in standby.log, "the standby tested too"
+
+    # The active one goes (a rolling update, a drained node): the standby takes over.
+    active.stop()
+    plane.kubectl("annotate", "smtpoauthconfig", "mail", "-n", watched, "smtpoauth.dev/recheck=failover")
+    deadline = time.monotonic() + 90
+    while f"Tested {watched}/mail" not in standby.log:
+        assert time.monotonic() < deadline, standby.log[-4000:]
+        time.sleep(0.5)
+    assert standby.alive()
+
+    calls = _calls(plane.audit(f"system:serviceaccount:{namespace}:{sa}"))
+    assert not [c for c in calls if c[4] == 403], calls
+    assert ("kopf.dev", "clusterkopfpeerings", "patch", "", 200) in calls
+
+
+def test_extra_ca_bundle_is_trusted_through_ssl_cert_file(plane: Plane, dev: DevServers) -> None:
+    """The chart's extraCaBundle: the image's CA bundle with the extra CA appended, in SSL_CERT_FILE, is
+    trusted for both the identity provider and the SMTP server (no caBundle in the spec)."""
+    e = dev.endpoints
+    manifests = plane.tmp / "no-ca-bundle.yaml"
+    _, secret, config = _sample_items(dev, "default")
+    for endpoint in ("smtp", "identity"):
+        del config["spec"][endpoint]["caBundle"]
+    manifests.write_text(yaml.safe_dump_all([secret, config]))
+    combined = plane.tmp / "ca-bundle.crt"
+    system = Path(ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt")
+    combined.write_text(system.read_text() + Path(e.ca_file).read_text())  # what the init container does
+
+    def check(env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(OPERATOR_BIN), "check", "-f", str(manifests), "-o", "json"],
+            env={**os.environ, **env}, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+
+    untrusted = check({})
+    assert untrusted.returncode == 1, untrusted.stderr
+    assert json.loads(untrusted.stdout)[0]["reason"] == "TLSVerificationFailed"
+    trusted = check({"SSL_CERT_FILE": str(combined), "REQUESTS_CA_BUNDLE": str(combined)})
+    assert trusted.returncode == 0, trusted.stdout + trusted.stderr
+    assert json.loads(trusted.stdout)[0]["ready"] is True
