@@ -48,6 +48,7 @@ from smtp_oauth_operator.testing.devservers import DEFAULT_MAILBOX, DevServers
 __all__ = [
     "CRD_NAME",
     "MAILBOX",
+    "OPERATOR_BIN",
     "App",
     "Dev",
     "Namespace",

@@ -11,14 +11,17 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from e2e.controlplane import ControlPlane
-from e2e.fixtures import Dev, Namespace, OperatorProcess, wait_until
+from e2e.fixtures import OPERATOR_BIN, App, Dev, Namespace, OperatorProcess, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -237,7 +240,54 @@ class LeakScanner:
         return sorted(hits)
 
 
-def test_leak_canary(control_plane: ControlPlane, ns: Namespace, dev: Dev, operator: OperatorProcess) -> None:
+def _run_check_cli(ns: Namespace, dev: Dev, tmp_path: Path, apps: dict[str, App]) -> str:
+    """``smtp-oauth-operator check`` on manifests for ``apps`` (the Secret of "wrong" holds a wrong
+    value); returns everything it printed, in text and JSON."""
+    docs: list[dict[str, Any]] = [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "dev-ca", "namespace": ns.name},
+            "data": {"ca.pem": dev.ca_pem},
+        }
+    ]
+    for name, app in apps.items():
+        value = dev.new_secret() if name == "wrong" else app.secret
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": f"cli-{name}", "namespace": ns.name},
+                "stringData": {"client-secret": value},
+            }
+        )
+        docs.append(
+            {
+                "apiVersion": "smtpoauth.dev/v1alpha1",
+                "kind": "SmtpOAuthConfig",
+                "metadata": {"name": f"cli-{name}", "namespace": ns.name},
+                "spec": dev.spec(app, secret_name=f"cli-{name}"),
+            }
+        )
+    manifest = tmp_path / "check.yaml"
+    manifest.write_text(yaml.safe_dump_all(docs))
+    output = []
+    for fmt in ("text", "json"):
+        proc = subprocess.run(
+            [str(OPERATOR_BIN), "check", "-f", str(manifest), "-o", fmt],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)  # 1: some not Ready
+        output += [proc.stdout, proc.stderr]
+    return "\n".join(output)
+
+
+def test_leak_canary(
+    control_plane: ControlPlane, ns: Namespace, dev: Dev, operator: OperatorProcess, tmp_path: Path
+) -> None:
     expected: dict[str, tuple[str, str]] = {}
 
     # Success, with a test message and an alarm e-mail (token use beyond AUTH).
@@ -298,6 +348,9 @@ def test_leak_canary(control_plane: ControlPlane, ns: Namespace, dev: Dev, opera
         what="every resource to handle the recheck",
     )
 
+    # The check CLI (the "Test Connection" button) on the same kinds of input, text and JSON.
+    cli_output = _run_check_cli(ns, dev, tmp_path, {"ok": ok, "wrong": wrong, "rejected": rejected})
+
     # Everything observable.
     events_json = control_plane.kubectl("get", "events", "-A", "-o", "json").stdout
     configs_json = control_plane.kubectl("get", "smtpoauth", "-A", "-o", "json").stdout
@@ -308,6 +361,8 @@ def test_leak_canary(control_plane: ControlPlane, ns: Namespace, dev: Dev, opera
         "the Events (kubectl get events -A)": events_json,
         "the SmtpOAuthConfigs (kubectl get smtpoauth -A)": configs_json,
         "the metrics page": metrics,
+        "the check CLI's output": cli_output,
+        "the e-mails sent": "\n".join(m.data.decode(errors="replace") for m in dev.exchange.messages),
     }
 
     # The scan must have something to find, or zero hits would prove nothing.
@@ -333,6 +388,8 @@ def test_leak_canary(control_plane: ControlPlane, ns: Namespace, dev: Dev, opera
     assert debug_records, "the operator was not logging at debug level"
     for name in expected:
         assert f"Tested {ns.name}/{name}" in log, name
+    for reason in ("ConnectionTested", "InvalidClientSecret", "AuthenticationRejected"):
+        assert reason in cli_output, cli_output
     # The scanner finds what it should: a secret where one legitimately is (the Secret), and a
     # piece of a token in otherwise harmless text.
     scanner = LeakScanner(dev.secrets, tokens, dev.endpoints.mailbox)
