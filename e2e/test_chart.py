@@ -311,6 +311,19 @@ def _ready(plane: Plane, namespace: str, name: str) -> dict[str, Any] | None:
     return None
 
 
+def _wait_for_event(plane: Plane, namespace: str, name: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The Events about ``name`` once there is one (the operator posts them after writing status)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        items: list[dict[str, Any]] = plane.get_json(
+            "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}"
+        )["items"]
+        if items:
+            return items
+        assert time.monotonic() < deadline, f"no Event about {namespace}/{name} within {timeout:.0f}s"
+        time.sleep(0.3)
+
+
 def _calls(events: list[dict[str, Any]]) -> list[tuple[str, str, str, str, int]]:
     """(group, resource[/subresource], verb, namespace, code) of each resource request."""
     calls = []
@@ -703,8 +716,8 @@ def test_cluster_wide_rbac_is_sufficient_and_is_exactly_what_the_operator_uses(
     )
     assert wait.returncode == 0, f"{wait.stderr}\n{_ready(plane, watched, 'mail')}\n{operator.log[-4000:]}"
     assert operator.healthz() == 200  # what `helm test` checks
-    events = plane.get_json("events", "-n", watched, "--field-selector", "involvedObject.name=mail")
-    assert events["items"], "the operator posted no Event"
+    events = _wait_for_event(plane, watched, "mail")
+    assert {e["reason"] for e in events} >= {"ConnectionTestSucceeded"}
     assert operator.alive()
 
     calls = _calls(plane.audit(f"system:serviceaccount:{namespace}:{sa}"))
@@ -744,6 +757,7 @@ def test_namespaced_rbac_is_sufficient_without_any_cluster_wide_permission(
     )
     assert wait.returncode == 0, f"{wait.stderr}\n{_ready(plane, watched, 'mail')}\n{operator.log[-4000:]}"
 
+    _wait_for_event(plane, watched, "mail")
     calls = _calls(plane.audit(f"system:serviceaccount:{namespace}:{sa}"))
     assert not [c for c in calls if c[4] == 403], calls
     assert {c[3] for c in calls} == {watched}, "a call outside the watched namespace"
