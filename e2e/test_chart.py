@@ -164,7 +164,7 @@ def plane(k8s_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServers]:
+def dev_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServers]:
     with DevServers(tmp_path_factory.mktemp("dev"), client_secret=CLIENT_SECRET) as servers:
         yield servers
 
@@ -701,7 +701,7 @@ def test_install_upgrade_uninstall_keeps_the_crd(plane: Plane) -> None:
 
 
 def test_cluster_wide_rbac_is_sufficient_and_is_exactly_what_the_operator_uses(
-    plane: Plane, dev: DevServers, crd_installed: None, run_operator: Any
+    plane: Plane, dev_servers: DevServers, crd_installed: None, run_operator: Any
 ) -> None:
     release, namespace, watched = "rbac", "chart-rbac", "chart-rbac-mail"
     plane.ensure_namespace(watched)
@@ -710,7 +710,7 @@ def test_cluster_wide_rbac_is_sufficient_and_is_exactly_what_the_operator_uses(
     sa = "rbac-smtp-oauth-operator"
     operator = run_operator(namespace, sa, ["--all-namespaces"], "rbac")
 
-    _apply_sample(plane, dev, watched)
+    _apply_sample(plane, dev_servers, watched)
     wait = plane.kubectl(
         "wait", "--for=condition=Ready", "smtpoauthconfig/mail", "-n", watched, "--timeout=90s", check=False
     )
@@ -734,7 +734,7 @@ def test_cluster_wide_rbac_is_sufficient_and_is_exactly_what_the_operator_uses(
 
 
 def test_namespaced_rbac_is_sufficient_without_any_cluster_wide_permission(
-    plane: Plane, dev: DevServers, crd_installed: None, run_operator: Any
+    plane: Plane, dev_servers: DevServers, crd_installed: None, run_operator: Any
 ) -> None:
     release, namespace, watched = "rbacns", "chart-rbacns", "chart-rbacns-mail"
     plane.ensure_namespace(watched)
@@ -751,7 +751,7 @@ def test_namespaced_rbac_is_sufficient_without_any_cluster_wide_permission(
     assert args == [f"--namespace={watched}"]
 
     operator = run_operator(namespace, sa, args, "rbacns")
-    _apply_sample(plane, dev, watched)
+    _apply_sample(plane, dev_servers, watched)
     wait = plane.kubectl(
         "wait", "--for=condition=Ready", "smtpoauthconfig/mail", "-n", watched, "--timeout=90s", check=False
     )
@@ -766,7 +766,7 @@ def test_namespaced_rbac_is_sufficient_without_any_cluster_wide_permission(
 
 
 def test_a_missing_permission_is_a_log_line_and_a_condition_not_a_crash_loop(
-    plane: Plane, dev: DevServers, crd_installed: None, run_operator: Any
+    plane: Plane, dev_servers: DevServers, crd_installed: None, run_operator: Any
 ) -> None:
     release, namespace, watched = "deny", "chart-deny", "chart-deny-mail"
     plane.ensure_namespace(watched)
@@ -783,7 +783,7 @@ def test_a_missing_permission_is_a_log_line_and_a_condition_not_a_crash_loop(
     assert can.stdout.strip() == "no"
 
     operator = run_operator(namespace, sa, ["--all-namespaces"], "deny")
-    _apply_sample(plane, dev, watched)
+    _apply_sample(plane, dev_servers, watched)
     deadline = time.monotonic() + 60
     while (ready := _ready(plane, watched, "mail")) is None or ready["reason"] != "AccessDenied":
         assert time.monotonic() < deadline, f"{ready}\n{operator.log[-4000:]}"
@@ -815,7 +815,7 @@ def test_a_missing_permission_is_a_log_line_and_a_condition_not_a_crash_loop(
 
 
 def test_replicas_two_are_one_active_operator_and_a_hot_standby(
-    plane: Plane, dev: DevServers, crd_installed: None, run_operator: Any
+    plane: Plane, dev_servers: DevServers, crd_installed: None, run_operator: Any
 ) -> None:
     release, namespace, watched = "peer", "chart-peer", "chart-peer-mail"
     plane.ensure_namespace(watched)
@@ -848,7 +848,7 @@ def test_replicas_two_are_one_active_operator_and_a_hot_standby(
     status = plane.get_json("clusterkopfpeering", peering).get("status", {})
     assert sorted(p["priority"] for p in status.values()) == sorted(priority.values())
 
-    _apply_sample(plane, dev, watched)
+    _apply_sample(plane, dev_servers, watched)
     wait = plane.kubectl(
         "wait", "--for=condition=Ready", "smtpoauthconfig/mail", "-n", watched, "--timeout=90s", check=False
     )
@@ -870,12 +870,12 @@ def test_replicas_two_are_one_active_operator_and_a_hot_standby(
     assert ("kopf.dev", "clusterkopfpeerings", "patch", "", 200) in calls
 
 
-def test_extra_ca_bundle_is_trusted_through_ssl_cert_file(plane: Plane, dev: DevServers) -> None:
+def test_extra_ca_bundle_is_trusted_through_ssl_cert_file(plane: Plane, dev_servers: DevServers) -> None:
     """The chart's extraCaBundle: the image's CA bundle with the extra CA appended, in SSL_CERT_FILE, is
     trusted for both the identity provider and the SMTP server (no caBundle in the spec)."""
-    e = dev.endpoints
+    e = dev_servers.endpoints
     manifests = plane.tmp / "no-ca-bundle.yaml"
-    _, secret, config = _sample_items(dev, "default")
+    _, secret, config = _sample_items(dev_servers, "default")
     for endpoint in ("smtp", "identity"):
         del config["spec"][endpoint]["caBundle"]
     manifests.write_text(yaml.safe_dump_all([secret, config]))
