@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 from collections.abc import Callable, Mapping
@@ -40,13 +41,23 @@ RETRY_ON_API_ERROR = 15.0  # seconds, doubled per failure up to 5 minutes
 
 @dataclass(slots=True)
 class _Entry:
-    body: Mapping[str, Any]
+    packed: bytes  # the latest body, see _pack()
+    trigger: tuple[Any, ...]
     refs: set[RefKey] = field(default_factory=set)
     timer: asyncio.TimerHandle | None = None
     queued: bool = False
     running: bool = False
     again: bool = False  # observed while running: run once more afterwards
     api_failures: int = 0
+
+    @property
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = json.loads(self.packed)
+        return body
+
+    def keep(self, body: Mapping[str, Any]) -> None:
+        self.packed = _pack(body)
+        self.trigger = _trigger(body)
 
 
 def _trigger(body: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -67,13 +78,14 @@ def _refs(namespace: str, spec: Any) -> set[RefKey]:
     return refs
 
 
-def _slim(body: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The body as kept between passes: without metadata.managedFields, which no pass reads and which
-    is more than half of a parsed SmtpOAuthConfig's memory (26 KiB -> 11 KiB each)."""
+def _pack(body: Mapping[str, Any]) -> bytes:
+    """The body as kept between passes: compact JSON, without metadata.managedFields (which no pass
+    reads). Parsed, a SmtpOAuthConfig is 26 KiB of dicts (11 KiB without managedFields); packed it
+    is 2.5 KiB, and a pass parses it back in tens of microseconds."""
     meta = body.get("metadata") or {}
-    if "managedFields" not in meta:
-        return body
-    return {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+    if "managedFields" in meta:
+        body = {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -107,16 +119,15 @@ class Reconciler:
     # -- feeding ---------------------------------------------------------------------------------
 
     def observe(self, body: Mapping[str, Any]) -> None:
-        body = _slim(body)
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace")), str(meta.get("name")))
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._entries[key] = _Entry(body)
+            entry = self._entries[key] = _Entry(_pack(body), _trigger(body))
             changed = True
         else:
-            changed = _trigger(entry.body) != _trigger(body)
-            entry.body = body
+            changed = entry.trigger != _trigger(body)
+            entry.keep(body)
         self._index(key, entry, _refs(key[0], body.get("spec")))
         if changed:
             self._enqueue(key)
@@ -291,7 +302,7 @@ class Reconciler:
             if updated is not None and key in self._entries:
                 # Keep our own write as the latest known version, so that a pass before the watch
                 # event arrives does not re-test on stale status.
-                entry.body = _slim(updated)
+                entry.keep(updated)
         for event in decision.events:
             await self.kube.post_event(body, event.type, event.reason, event.message)
         if failure is not None and alarm is not None and not alarm.retry and result.spec is not None:
