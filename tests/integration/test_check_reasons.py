@@ -322,3 +322,26 @@ def test_check_exit_code_2_on_unusable_input(tmp_path: Any, capsys: pytest.Captu
     empty.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
     assert cli.main(["check", "-f", str(empty)]) == 2
     assert "no SmtpOAuthConfig" in capsys.readouterr().err
+
+
+def test_check_uses_https_proxy_from_the_environment(
+    peers: Peers,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with HttpConnectProxy() as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")
+        monkeypatch.delenv("https_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        code, result = run_check(peers, capsys, caplog, peers.manifests())
+        assert code == 0, result["message"]
+        assert f"127.0.0.1:{peers.idp.port}" in proxy.targets
+        assert f"127.0.0.1:{peers.smtp.port}" in proxy.targets
+        # NO_PROXY exempts a host: nothing more goes through the proxy.
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        before = len(proxy.targets)
+        code, result = run_check(peers, capsys, caplog, peers.manifests())
+        assert code == 0, result["message"]
+        assert len(proxy.targets) == before

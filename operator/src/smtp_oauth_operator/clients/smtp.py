@@ -89,9 +89,11 @@ def _tunnel(target: SmtpTarget) -> socket.socket:
         ) from None
     try:
         sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        # One byte at a time: the server's 220 greeting may follow the proxy's answer in the same
+        # segment, and bytes read past the blank line would be lost to aiosmtplib.
         head = b""
-        while b"\r\n\r\n" not in head and len(head) < 16384:
-            chunk = sock.recv(4096)
+        while not head.endswith(b"\r\n\r\n") and len(head) < 16384:
+            chunk = sock.recv(1)
             if not chunk:
                 break
             head += chunk

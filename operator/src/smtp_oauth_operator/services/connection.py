@@ -15,10 +15,12 @@ import hashlib
 import json
 import ssl
 import time
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from smtp_oauth_operator.clients.identity import TokenProvider, TokenRequest
 from smtp_oauth_operator.clients.smtp import Message, SmtpTarget, authenticate
@@ -161,6 +163,22 @@ async def resolve(spec: SmtpOAuthSpec, namespace: str, generation: int, source: 
     )
 
 
+def proxy_for(spec: SmtpOAuthSpec, url_host: str) -> str | None:
+    """``spec.proxy.url``, else the operator's HTTPS_PROXY unless NO_PROXY exempts the host.
+
+    The environment is the cluster-wide default (the chart's ``proxy.httpsProxy``); a resource's own
+    ``spec.proxy.url`` wins. MSAL's session ignores the environment (trust_env=False), so the choice is
+    made here, once, for both endpoints.
+    """
+    if spec.proxy_url:
+        return spec.proxy_url
+    env = urllib.request.getproxies_environment()
+    proxy = env.get("https")
+    if not proxy or urllib.request.proxy_bypass_environment(url_host, env):  # type: ignore[attr-defined]  # stdlib, untyped
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
+
+
 def token_request(spec: SmtpOAuthSpec, inputs: Inputs) -> TokenRequest:
     return TokenRequest(
         authority_host=spec.authority_host,
@@ -169,7 +187,7 @@ def token_request(spec: SmtpOAuthSpec, inputs: Inputs) -> TokenRequest:
         scope=spec.scope,
         client_secret=inputs.client_secret,
         ca_pem=inputs.identity_ca,
-        proxy_url=spec.proxy_url,
+        proxy_url=proxy_for(spec, urlsplit(spec.authority_host).hostname or ""),
         timeout=spec.identity_timeout,
     )
 
@@ -181,7 +199,7 @@ def smtp_target(spec: SmtpOAuthSpec, inputs: Inputs) -> SmtpTarget:
         implicit_tls=spec.implicit_tls,
         timeout=spec.connection_timeout,
         ca_pem=inputs.smtp_ca,
-        proxy_url=spec.proxy_url,
+        proxy_url=proxy_for(spec, spec.smtp_host),
     )
 
 
