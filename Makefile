@@ -29,6 +29,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	bash hack/lint-dockerfile.sh
+	bash hack/sync-chart-crds.sh --check
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests --cov --cov-branch --cov-report=term --cov-fail-under=75
