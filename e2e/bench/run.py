@@ -54,6 +54,7 @@ class Params:
     window: float
     settle: float
     workers: int
+    rtt_ms: float = 0.0  # added round-trip time to the fake IdP and SMTP server (0: loopback)
 
     @classmethod
     def full(cls, workers: int) -> Params:
@@ -383,7 +384,12 @@ def table(results: dict[str, Any]) -> str:
         f"kopf {m['kopf']}; load average at start {results['load_start']}, at end {results['load_end']}",
         "",
         "1. Overhead over the protocol floor (median of "
-        f"{o['rounds']} rounds, each with a fresh app registration)",
+        f"{o['rounds']} rounds, each with a fresh app registration"
+        + (
+            f"; {results['params']['rtt_ms']:g} ms added round-trip time to the IdP and SMTP server)"
+            if results["params"].get("rtt_ms")
+            else ")"
+        ),
         f"   create -> Ready=True                 {o['create_to_ready_median_s'] * 1000:8.1f} ms",
         f"   bare script (MSAL + SMTP XOAUTH2)    {o['floor_median_s'] * 1000:8.1f} ms",
         f"   ratio                                {o['ratio']:8.2f}     (target <= 1.2)",
@@ -462,7 +468,7 @@ def run(p: Params, out: Path) -> dict[str, Any]:
         cleanup.append(cp.stop)
         world.install_crd(cp)
         kubeconfig = world.operator_kubeconfig(cp, out)
-        peers = world.Peers(out)
+        peers = world.Peers(out, p.rtt_ms)
         cleanup.append(peers.stop)
         api = world.admin_client(cp)
         audit = world.AuditLog(audit_path)
@@ -517,9 +523,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=int, help="override: resources for the scale test")
     parser.add_argument("--idle", type=int, help="override: resources for the idle test")
     parser.add_argument("--window", type=float, help="override: steady-state window in seconds")
+    parser.add_argument(
+        "--rtt-ms",
+        type=float,
+        default=0.0,
+        help="add this round-trip time (ms) between the clients and the fake IdP and SMTP server",
+    )
     args = parser.parse_args(argv)
     p = Params.ci(args.workers) if args.ci else Params.full(args.workers)
-    overrides = {k: getattr(args, k) for k in ("rounds", "scale", "idle", "window") if getattr(args, k)}
+    overrides = {
+        k: getattr(args, k) for k in ("rounds", "scale", "idle", "window", "rtt_ms") if getattr(args, k)
+    }
     if overrides:
         p = Params(**{**asdict(p), **overrides})
     out = args.out or Path(tempfile.mkdtemp(prefix="smtp-oauth-bench-"))

@@ -109,9 +109,9 @@ def admin_client(cp: ControlPlane, pool: int = 32) -> kubernetes.client.ApiClien
 class Peers:
     """The fake Entra ID + Exchange in a child process (e2e/bench/peers.py), driven over stdin/stdout."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, rtt_ms: float = 0.0) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "e2e.bench.peers", str(state_dir)],
+            [sys.executable, "-m", "e2e.bench.peers", str(state_dir), "--rtt-ms", str(rtt_ms)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=(state_dir / "peers.log").open("ab"),
