@@ -18,7 +18,7 @@
 # (403 on /@v/list) but serves single tags; v0.40.0 is the newest one it serves
 # (v0.40.1, v0.40.2, v0.41.0, v0.39.1, v0.33.1, v0.32.2 and v0.30.0 answered 403 on
 # 2026-11-28). Its go.mod has no replace directives, but the checksum database has no entry
-# for it (sum.golang.org lookup: 404 Not Found), so `go install pkg@v0.40.0` refuses with
+# for it (checksum database lookup: 404 Not Found), so `go install pkg@v0.40.0` refuses with
 # "verifying module: ... 404 Not Found". We therefore build from the wrapper module
 # hack/sealed-secrets/ whose committed go.sum pins the module's hash (recorded once with
 # GONOSUMDB=github.com/bitnami/sealed-secrets go mod tidy; every dependency was verified against
