@@ -43,14 +43,14 @@ class Peers:
             "smtp": {
                 "host": "127.0.0.1",
                 "port": self.smtp.port,
-                "connectionTimeoutSeconds": 5,
+                "connectionTimeoutSeconds": 20,
                 "caBundle": {"configMapKeyRef": {"name": "trust", "key": "ca.pem"}},
             },
             "identity": {
                 "tenantId": TENANT,
                 "clientId": CLIENT,
                 "authorityHost": self.idp.authority_host,
-                "timeoutSeconds": 5,
+                "timeoutSeconds": 20,
                 "caBundle": {"configMapKeyRef": {"name": "trust", "key": "ca.pem"}},
                 "clientSecret": {"secretKeyRef": {"name": "exo-app", "key": "client-secret"}},
             },

@@ -223,7 +223,22 @@ async def authenticate(
     except aiosmtplib.SMTPException as exc:
         raise CheckFailed(Reason.UNEXPECTED_RESPONSE, f"{where}: {quote_reply(str(exc), secrets)}") from None
     finally:
-        smtp.close()
+        await _hang_up(smtp)
+
+
+async def _hang_up(smtp: aiosmtplib.SMTP) -> None:
+    """End a session that failed half-way: a polite QUIT if the server still listens, else abort.
+
+    A plain close() of a TLS transport starts a TLS shutdown that can outlive the event loop (the
+    ``check`` CLI's) and leak the socket; abort() releases it at once.
+    """
+    if smtp.is_connected:
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+            await smtp.quit(timeout=2)
+    transport = smtp.transport
+    if isinstance(transport, asyncio.Transport):
+        transport.abort()
+    smtp.close()
 
 
 def _tls_failure(exc: ssl.SSLCertVerificationError, where: str) -> CheckFailed:
