@@ -206,8 +206,6 @@ async def authenticate(
 
         if message is not None:
             result.sent = await _send(smtp, message, where, secrets)
-        with contextlib.suppress(aiosmtplib.SMTPException):
-            await smtp.quit()
         return result
     except aiosmtplib.SMTPTimeoutError:
         raise CheckFailed(
@@ -227,15 +225,16 @@ async def authenticate(
 
 
 async def _hang_up(smtp: aiosmtplib.SMTP) -> None:
-    """End a session that failed half-way: a polite QUIT if the server still listens, else abort.
+    """QUIT if the server still listens, then abort the transport.
 
-    A plain close() of a TLS transport starts a TLS shutdown that can outlive the event loop (the
-    ``check`` CLI's) and leak the socket; abort() releases it at once.
+    aiosmtplib closes a TLS transport after QUIT with close(), which starts a TLS shutdown waiting for
+    the peer's close_notify; behind a proxy, or when the event loop ends right after (the ``check``
+    CLI), that shutdown outlives the loop and leaks the socket. abort() releases it at once.
     """
+    transport = smtp.transport
     if smtp.is_connected:
         with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
             await smtp.quit(timeout=2)
-    transport = smtp.transport
     if isinstance(transport, asyncio.Transport):
         transport.abort()
     smtp.close()
