@@ -100,8 +100,19 @@ async def evaluate(
     try:
         spec = parse_spec(body.get("spec"))
     except SpecError as exc:
-        failure = CheckFailed(Reason.INVALID_SPEC, str(exc), condition=ConditionType.SECRET_RESOLVED)
-        record = ConnectionTestResult(failure, now, 0.0, fingerprint=f"invalid:{generation}")
+        failure = CheckFailed(
+            Reason.INVALID_SPEC, f"invalid spec: {exc}", condition=ConditionType.SECRET_RESOLVED
+        )
+        fingerprint = f"invalid:{generation}"
+        record = None
+        # Reported once per generation (and per manual recheck): a re-list or a restart writes nothing.
+        if (
+            force
+            or status.get("observedFingerprint") != fingerprint
+            or status.get("handledRecheck") != recheck
+        ):
+            record = ConnectionTestResult(failure, now, 0.0, fingerprint=fingerprint)
+            failures += 1
         observation = Observation(
             generation=generation,
             now=now,
@@ -113,13 +124,13 @@ async def evaluate(
             policy="Warn",
             handled_recheck=recheck,
             next_test_time=None,
-            consecutive_failures=failures + 1,
+            consecutive_failures=failures,
         )
         return Pass(decide(status, observation), None, None, record, None)
 
     secret_name = f"{namespace}/{spec.secret_ref.name}"
     inputs: Inputs | None = None
-    record: ConnectionTestResult | None = None  # type: ignore[no-redef]
+    record = None
     try:
         inputs = await resolve(spec, namespace, generation, source)
     except CheckFailed as exc:
