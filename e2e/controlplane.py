@@ -50,9 +50,11 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from smtp_oauth_operator.testing.pki import build_ca_certificate, build_leaf_certificate
 
 __all__ = [
     "BIN_DIR_ENV",
@@ -189,38 +191,16 @@ def _pem_cert(cert: x509.Certificate) -> bytes:
 
 
 class _CA:
-    """A throw-away certificate authority."""
+    """A throw-away certificate authority (the test kit's CA recipe, see testing/pki.py)."""
 
     def __init__(self, common_name: str, days: int) -> None:
         self.days = days
         self.key = ec.generate_private_key(ec.SECP256R1())
-        name = _name(common_name)
-        ski = x509.SubjectKeyIdentifier.from_public_key(self.key.public_key())
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - datetime.timedelta(hours=1))
-            .not_valid_after(_now() + datetime.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(ski, critical=False)
-            .sign(self.key, hashes.SHA256())
+        self.cert = build_ca_certificate(
+            self.key,
+            _name(common_name),
+            _now() - datetime.timedelta(hours=1),
+            _now() + datetime.timedelta(days=days),
         )
 
     def issue(
@@ -239,41 +219,19 @@ class _CA:
             usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
         if client:
             usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(_name(common_name, organizations))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - datetime.timedelta(hours=1))
-            .not_valid_after(_now() + datetime.timedelta(days=self.days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
-                critical=False,
-            )
-        )
         sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
         sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        return builder.sign(self.key, hashes.SHA256()), key
+        cert = build_leaf_certificate(
+            issuer_key=self.key,
+            issuer=self.cert,
+            key=key,
+            subject=_name(common_name, organizations),
+            usages=usages,
+            names=sans,
+            not_before=_now() - datetime.timedelta(hours=1),
+            not_after=_now() + datetime.timedelta(days=self.days),
+        )
+        return cert, key
 
 
 # --------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["CertificateAuthority", "ServerCert"]
+__all__ = ["CertificateAuthority", "ServerCert", "build_ca_certificate", "build_leaf_certificate"]
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -70,6 +70,74 @@ def _general_name(hostname: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(hostname))
     except ValueError:
         return x509.DNSName(hostname)
+
+
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def build_ca_certificate(
+    key: ec.EllipticCurvePrivateKey, subject: x509.Name, not_before: dt.datetime, not_after: dt.datetime
+) -> x509.Certificate:
+    """A self-signed CA certificate (path length 0) for ``key``: the one CA recipe of the test kit."""
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(ca=True), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def build_leaf_certificate(
+    *,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    subject: x509.Name,
+    usages: list[x509.ObjectIdentifier],
+    names: list[x509.GeneralName],
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    serial: int | None = None,
+) -> x509.Certificate:
+    """A leaf certificate signed by ``issuer``: TLS server and/or client (``usages``), SANs ``names``."""
+    ca_ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(serial if serial is not None else x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(ca=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
 
 
 @dataclass(frozen=True)
@@ -140,36 +208,8 @@ class CertificateAuthority:
             ]
         )
         now = _now()
-        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=valid_days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(ski, critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
-                critical=False,
-            )
-            .sign(key, hashes.SHA256())
+        cert = build_ca_certificate(
+            key, subject, now - dt.timedelta(minutes=5), now + dt.timedelta(days=valid_days)
         )
         path = Path(directory) if directory is not None else _temp_directory("fake-ca-")
         path.mkdir(parents=True, exist_ok=True)
@@ -214,39 +254,17 @@ class CertificateAuthority:
         else:
             not_before = now - dt.timedelta(minutes=5)
             not_after = now + dt.timedelta(days=valid_days)
-        ca_ski = self._cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         serial = x509.random_serial_number()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(self._cert.subject)
-            .public_key(key.public_key())
-            .serial_number(serial)
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                critical=False,
-            )
-            .sign(self._key, hashes.SHA256())
+        cert = build_leaf_certificate(
+            issuer_key=self._key,
+            issuer=self._cert,
+            key=key,
+            subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]),
+            usages=[ExtendedKeyUsageOID.SERVER_AUTH],
+            names=[_general_name(n) for n in names],
+            not_before=not_before,
+            not_after=not_after,
+            serial=serial,
         )
         target = Path(directory) if directory is not None else self.directory
         stem = f"{_SAFE_NAME.sub('_', names[0])}-{serial % 0xFFFFFFFF:08x}"
