@@ -99,6 +99,22 @@ class CommandFailedError(subprocess.CalledProcessError):
 # tools
 
 
+def stop_process_group(proc: subprocess.Popen[Any], grace: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM a process started in its own group, SIGKILL after ``grace``; then the rest of the group."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=grace)
+    # Anything left in the group (children of children) goes too.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def ensure_tools(tools: Sequence[str] = ()) -> Path:
     """Return the bin dir with etcd, kube-apiserver, kubectl and helm.
 
@@ -642,20 +658,8 @@ class ControlPlane:
 
     def _stop_proc(self, name: str) -> None:
         proc = self._procs.pop(name, None)
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=STOP_GRACE_SECONDS)
-        # Anything left in the group (children of children) goes too.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc is not None:
+            stop_process_group(proc)
 
     def _tail(self, name: str, lines: int = LOG_TAIL_LINES) -> str:
         try:

@@ -51,7 +51,7 @@ from types import TracebackType
 from typing import Any
 
 import yaml
-from e2e.controlplane import REPO_ROOT, ControlPlane, ControlPlaneError, free_port
+from e2e.controlplane import REPO_ROOT, ControlPlane, ControlPlaneError, free_port, stop_process_group
 
 __all__ = [
     "BIN_DIR_ENV",
@@ -297,19 +297,8 @@ class SealedSecretsController:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=STOP_GRACE_SECONDS)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc is not None:
+            stop_process_group(proc, STOP_GRACE_SECONDS)
 
     # ---------------------------------------------------------------- sealing
     def cert_pem(self) -> bytes:
