@@ -190,9 +190,18 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
 class OperatorProcess:
     """``smtp-oauth-operator run -A --log-level debug --log-format json`` as a subprocess."""
 
-    def __init__(self, control_plane: ControlPlane, log_file: Path) -> None:
+    def __init__(
+        self,
+        control_plane: ControlPlane,
+        log_file: Path,
+        *,
+        kubeconfig: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.control_plane = control_plane
         self.log_file = log_file
+        self.kubeconfig = kubeconfig  # None: the admin's; the fault suite passes its proxy's
+        self.extra_args = list(extra_args)
         self.metrics_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -205,7 +214,7 @@ class OperatorProcess:
     def start(self, timeout: float = 60.0) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
-        env = self.control_plane.env()
+        env = self.control_plane.env(self.kubeconfig)
         env["PYTHONUNBUFFERED"] = "1"
         # The fake servers' CA is given per resource (caBundle); nothing from the environment applies.
         for var in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "HTTPS_PROXY", "HTTP_PROXY", "https_proxy"):
@@ -220,6 +229,7 @@ class OperatorProcess:
             "json",
             "--metrics-port",
             str(self.metrics_port),
+            *self.extra_args,
         ]
         with self.log_file.open("ab") as log:
             log.write(f"\n=== start #{self.starts + 1}: {' '.join(cmd)}\n".encode())
@@ -276,6 +286,14 @@ class OperatorProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         return proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer or a lost node would: no cleanup, no peering goodbye."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
 
     def restart(self) -> None:
         self.check_alive()
