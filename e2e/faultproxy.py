@@ -597,7 +597,7 @@ class FaultProxy:
                     return self._reset(request)  # the API server went away mid-stream
                 if not line:
                     break
-                with contextlib.suppress(ValueError, AttributeError):
+                with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
                     last_rv = json.loads(line)["object"]["metadata"]["resourceVersion"] or last_rv
                 if self._match(info, _DROP) is not None:
                     continue

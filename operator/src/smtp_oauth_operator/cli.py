@@ -156,12 +156,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument(
         "--peering", default=None, help="kopf peering name for a hot standby (default: standalone)"
     )
-    run.add_argument(
-        "--peering-priority",
-        type=int,
-        default=None,
-        help="this replica's kopf peering priority (default: random, so one replica is active)",
-    )
     run.add_argument("--log-format", choices=("plain", "full", "json"), default="full")
     run.add_argument("--log-level", choices=("warning", "info", "debug"), default="info")
     args = parser.parse_args(argv)
@@ -197,8 +191,6 @@ def _run(args: argparse.Namespace) -> int:
     else:
         kopf_args.append("--all-namespaces")
     kopf_args += [f"--peering={args.peering}"] if args.peering else ["--standalone"]
-    if args.peering and args.peering_priority is not None:
-        kopf_args.append(f"--priority={args.peering_priority}")
     if args.liveness:
         kopf_args.append(f"--liveness={args.liveness}")
     # kopf logs at INFO by default; its --verbose means DEBUG (every HTTP request urllib3 makes, every
