@@ -287,7 +287,7 @@ class Reconciler:
     async def _tick(self) -> None:
         while True:
             self._beat = self._loop.time()
-            await asyncio.sleep(HEARTBEAT)
+            await asyncio.sleep(min(HEARTBEAT, self.max_loop_lag / 4))
 
     async def _halt(self, grace: float) -> None:
         self._queue.shutdown()
