@@ -58,7 +58,10 @@ _ERRORS: dict[str, Reason] = {
     "invalid_resource": Reason.INVALID_SCOPE,
 }
 _T = ConditionType.TOKEN_ACQUIRED
-TOKEN_THREADS = 8  # token requests in flight at once (one per application at most)
+TOKEN_THREADS = 16  # token requests in flight at once (one per application at most)
+# ... and at most this many to one identity provider (through one proxy): a black-holed peer holds
+# that many threads, and the others keep being served by the rest of the pool.
+TOKEN_THREADS_PER_PEER = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +200,8 @@ class TokenProvider:
         threads: int = TOKEN_THREADS,
     ) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="msal")
+        self._per_peer = max(1, min(TOKEN_THREADS_PER_PEER, threads // 2))
+        self._peers: dict[tuple[str, str], asyncio.Semaphore] = {}
         self._apps: OrderedDict[tuple[str, ...], _App] = OrderedDict()
         self._max_apps = max_apps
         self._on_request = on_request or (lambda _result: None)
@@ -232,17 +237,27 @@ class TokenProvider:
         # One request in flight per application: concurrent tests of resources that share an app
         # registration wait here and then find the token in the cache.
         await app.lock.acquire()
+        peer = (urlsplit(request.authority_host).netloc, request.proxy_url or "")
+        slot = self._peers.setdefault(peer, asyncio.Semaphore(self._per_peer))
+        try:
+            await slot.acquire()
+        except BaseException:
+            app.lock.release()
+            raise
         try:
             future = asyncio.get_running_loop().run_in_executor(self._pool, self._acquire_sync, app, request)
         except BaseException:
+            slot.release()
             app.lock.release()
             raise
 
         # A thread can not be interrupted: if the caller's deadline cancels the wait, the application
-        # stays locked until its request ends, so no second request shares its session meanwhile.
+        # and the peer's slot stay taken until its request ends, so no second request shares the
+        # session meanwhile and a black hole never holds more than its share of the pool.
         def finished(done: asyncio.Future[AccessToken]) -> None:
             if not done.cancelled():
                 done.exception()  # retrieved: a result nobody awaits any more is not an error
+            slot.release()
             app.lock.release()
 
         future.add_done_callback(finished)
