@@ -166,6 +166,7 @@ class Reconciler:
         self._busy: dict[int, tuple[Key, float]] = {}  # worker → (key, since)
         self._heartbeat: asyncio.Task[None] | None = None
         self._beat = self._loop.time()
+        self._stall = 0.0  # the longest stall of the loop not yet reported by the probe
         self._paused = False
         self.passes = 0  # for tests and the benchmark
         self.writes = 0
@@ -271,6 +272,9 @@ class Reconciler:
             return "the event loop heartbeat stopped"
         if now - self._beat > self.max_loop_lag:
             return f"the event loop did not run for {now - self._beat:.0f} s"
+        if self._stall:
+            stall, self._stall = self._stall, 0.0
+            return f"the event loop stalled for {stall:.1f} s"
         stuck = [k for k, since in self._busy.values() if now - since > self.pass_deadline + 60]
         if stuck:
             return f"a pass over {stuck[0][0]}/{stuck[0][1]} outlived its deadline"
@@ -285,9 +289,17 @@ class Reconciler:
         self._heartbeat = asyncio.create_task(self._tick(), name="reconciler-heartbeat")
 
     async def _tick(self) -> None:
+        """Measure the loop's lag: how late a short sleep wakes up. While the loop is blocked the
+        probe itself cannot answer (the kubelet's timeout fails it); afterwards the first probe
+        reports the stall, so a loop that keeps stalling fails probe after probe."""
+        interval = min(HEARTBEAT, self.max_loop_lag / 4)
         while True:
+            expected = self._loop.time() + interval
+            await asyncio.sleep(interval)
             self._beat = self._loop.time()
-            await asyncio.sleep(min(HEARTBEAT, self.max_loop_lag / 4))
+            lag = self._beat - expected
+            if lag > self.max_loop_lag:
+                self._stall = max(self._stall, lag)
 
     async def _halt(self, grace: float) -> None:
         self._queue.shutdown()
