@@ -197,7 +197,7 @@ async def test_a_failed_status_write_is_retried_with_backoff_before_any_new_eval
     assert api.patches[0][1] == api.patches[3][1], "the retry writes the same status"
     assert api.get(NS, "a")["status"]["conditions"][0]["reason"] == "InvalidSpec"
     assert [e[2] for e in api.events] == ["ConnectionTestFailed"], "Events go out once, with the write"
-    troubles = [r for r in caplog.records if "API trouble" in r.getMessage()]
+    troubles = [r for r in caplog.records if "Could not write the status of" in r.getMessage()]
     assert len(troubles) == 3
     assert all(r.exc_info is None for r in troubles), "an expected API error is one line, no traceback"
     # A success resets the rate limit.
@@ -290,7 +290,9 @@ async def test_a_stalled_loop_fails_the_liveness_probe(api: FakeApi) -> None:
         assert "event loop did not run" in (reconciler.health() or "")
         await asyncio.sleep(0.06)  # the heartbeat wakes up, 0.3 s late
         assert "event loop stalled for" in (reconciler.health() or "")
-        assert reconciler.health() is None, "a stall is reported once"
+        assert "event loop stalled for" in (reconciler.health() or ""), "not used up by one probe"
+        await asyncio.sleep(0.25)
+        assert reconciler.health() is None, "healthy again max_loop_lag after the stall"
     finally:
         await reconciler.stop()
 

@@ -166,7 +166,8 @@ class Reconciler:
         self._busy: dict[int, tuple[Key, float]] = {}  # worker → (key, since)
         self._heartbeat: asyncio.Task[None] | None = None
         self._beat = self._loop.time()
-        self._stall = 0.0  # the longest stall of the loop not yet reported by the probe
+        self._stall = 0.0  # the last stall of the loop longer than max_loop_lag ...
+        self._stalled_until = 0.0  # ... reported by the probe until then
         self._paused = False
         self.passes = 0  # for tests and the benchmark
         self.writes = 0
@@ -272,9 +273,8 @@ class Reconciler:
             return "the event loop heartbeat stopped"
         if now - self._beat > self.max_loop_lag:
             return f"the event loop did not run for {now - self._beat:.0f} s"
-        if self._stall:
-            stall, self._stall = self._stall, 0.0
-            return f"the event loop stalled for {stall:.1f} s"
+        if now < self._stalled_until:
+            return f"the event loop stalled for {self._stall:.1f} s"
         stuck = [k for k, since in self._busy.values() if now - since > self.pass_deadline + 60]
         if stuck:
             return f"a pass over {stuck[0][0]}/{stuck[0][1]} outlived its deadline"
@@ -290,8 +290,9 @@ class Reconciler:
 
     async def _tick(self) -> None:
         """Measure the loop's lag: how late a short sleep wakes up. While the loop is blocked the
-        probe itself cannot answer (the kubelet's timeout fails it); afterwards the first probe
-        reports the stall, so a loop that keeps stalling fails probe after probe."""
+        probe itself cannot answer (the kubelet's timeout fails it); for ``max_loop_lag`` seconds
+        afterwards the probe still reports the stall (a probe that waited in the socket meanwhile
+        must not use it up), so a stall that long adds up to the kubelet's failure threshold."""
         interval = min(HEARTBEAT, self.max_loop_lag / 4)
         while True:
             expected = self._loop.time() + interval
@@ -299,7 +300,8 @@ class Reconciler:
             self._beat = self._loop.time()
             lag = self._beat - expected
             if lag > self.max_loop_lag:
-                self._stall = max(self._stall, lag)
+                self._stall = lag
+                self._stalled_until = self._beat + self.max_loop_lag
 
     async def _halt(self, grace: float) -> None:
         self._queue.shutdown()
@@ -377,9 +379,18 @@ class Reconciler:
         except (KubeUnavailable, CheckFailed, TimeoutError) as exc:
             if self._entries.get(key) is entry:
                 wait = self._queue.add_rate_limited(key)
-                what = "writing the status of" if entry.pending is not None else "reconciling"
                 detail = str(exc) or f"no answer within {self.pass_deadline:.0f} s"
-                logger.warning("API trouble %s %s/%s (%s); retrying in %.0f s", what, *key, detail, wait)
+                if entry.pending is not None:
+                    logger.warning(
+                        "Could not write the status of %s/%s (%s); retrying in %.0f s", *key, detail, wait
+                    )
+                else:
+                    logger.warning(
+                        "API server trouble while reconciling %s/%s (%s); retrying in %.0f s",
+                        *key,
+                        detail,
+                        wait,
+                    )
             return
         except asyncio.CancelledError:
             raise
