@@ -52,9 +52,10 @@ Key = tuple[str, str]
 RefKey = tuple[str, str, str]  # kind, namespace, name
 RETRY_ON_API_ERROR = 15.0  # seconds, doubled per failure up to 5 minutes
 MAX_RETRY_ON_API_ERROR = 300.0
-# A pass's token request and SMTP session have their own deadlines (services/connection.py); this
-# one catches the rest (a stuck API read), so that no worker is held for ever.
-PASS_DEADLINE = 15 * 60.0
+# A pass's token requests and SMTP sessions have their own deadlines (services/connection.py: twice
+# their timeouts, at most 300 s each, for the test and the alarm e-mail); this backstop catches the
+# rest (an API call that never returns), so that no worker is held for ever.
+PASS_DEADLINE = 45 * 60.0
 HEARTBEAT = 1.0
 MAX_LOOP_LAG = 30.0
 
@@ -320,8 +321,9 @@ class Reconciler:
                 await task
         self._busy.clear()
 
-    async def stop(self) -> None:
-        await self._halt(0)
+    async def stop(self, grace: float = 10.0) -> None:
+        """Shut down: a pass in flight may end (within ``grace``), then the workers are cancelled."""
+        await self._halt(grace)
 
     async def pause(self, grace: float = 30.0) -> None:
         """Another replica is active: stop every timer and worker, drop the cache and its metrics.
@@ -336,6 +338,8 @@ class Reconciler:
 
     def resume(self) -> None:
         self._on_loop()
+        if not self._paused:
+            return
         self._queue = self._new_queue()
         self.start()
 
@@ -379,7 +383,7 @@ class Reconciler:
         except (KubeUnavailable, CheckFailed, TimeoutError) as exc:
             if self._entries.get(key) is entry:
                 wait = self._queue.add_rate_limited(key)
-                detail = str(exc) or f"no answer within {self.pass_deadline:.0f} s"
+                detail = str(exc) or f"the pass did not end within {self.pass_deadline:.0f} s"
                 if entry.pending is not None:
                     logger.warning(
                         "Could not write the status of %s/%s (%s); retrying in %.0f s", *key, detail, wait
