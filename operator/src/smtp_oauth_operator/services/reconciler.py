@@ -496,6 +496,8 @@ class Reconciler:
         """Write the pending status (raises KubeUnavailable or CheckFailed, and it stays pending),
         then post its Events. A 404 means the resource is gone: forget it."""
         assert entry.pending is not None
+        if self._entries.get(key) is not entry:
+            return  # deleted (or re-created) while the e-mail went out: its status is not ours
         body = entry.body
         patch = _status_patch(body.get("status") or {}, entry.pending)
         if patch:
