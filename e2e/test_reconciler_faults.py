@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,14 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e.controlplane import ControlPlane, free_port
-from e2e.fixtures import OPERATOR_BIN, Dev, Namespace, wait_until
+from e2e.controlplane import REPO_ROOT, ControlPlane, free_port
+from e2e.fixtures import Dev, Namespace, wait_until
 
 pytestmark = pytest.mark.e2e
 
 ADMIN = "admin@contoso.com"
 OPS = "ops@contoso.com"
 STATUS_PATCH = {"apiGroups": ["smtpoauth.dev"], "resources": ["smtpoauthconfigs/status"], "verbs": ["patch"]}
+# The operator from the interpreter running the tests (not a fixed .venv), this checkout's sources first.
+OPERATOR = (sys.executable, "-c", "import sys; from smtp_oauth_operator.cli import main; sys.exit(main())")
 RULES: list[dict[str, Any]] = [
     {"apiGroups": ["smtpoauth.dev"], "resources": ["smtpoauthconfigs"], "verbs": ["list", "watch"]},
     STATUS_PATCH,
@@ -46,10 +49,13 @@ class Operator:
         self.log_path = tmp / "operator.log"
         env = {k: v for k, v in cp.env(kubeconfig).items() if k not in {"HTTPS_PROXY", "https_proxy"}}
         env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT / "operator" / "src"), env.get("PYTHONPATH")) if p
+        )
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [
-                    str(OPERATOR_BIN),
+                    *OPERATOR,
                     "run",
                     "-n",
                     ns.name,

@@ -8,6 +8,7 @@ tests/integration/test_reconciler_faults.py, against the real local peers.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +22,7 @@ from smtp_oauth_operator.clients.identity import TokenProvider
 from smtp_oauth_operator.clients.kube import KubeUnavailable
 from smtp_oauth_operator.clients.metrics import Metrics
 from smtp_oauth_operator.domain.reasons import CheckFailed, Reason
-from smtp_oauth_operator.handlers import resources, startup
+from smtp_oauth_operator.handlers import startup
 from smtp_oauth_operator.services.reconciler import Reconciler
 
 NS = "mail"
@@ -89,9 +90,19 @@ def driven(api: FakeApi, clock: FakeClock) -> Reconciler:
 
 
 async def test_kopf_handlers_run_on_the_event_loop() -> None:
-    # kopf runs a plain function in a worker thread; only a coroutine runs on the loop.
-    for handler in (resources.on_config_event, resources.on_secret_event, resources.on_configmap_event):
-        assert inspect.iscoroutinefunction(handler), handler.__name__
+    # kopf runs a plain function in a worker thread; only a coroutine runs on the loop. Every handler
+    # the operator registers (watches, probes, start-up) is checked, whichever module holds it.
+    importlib.import_module("smtp_oauth_operator.main")
+    registry = kopf.get_default_registry()
+    ours = [
+        handler.fn
+        for part in (registry._watching, registry._changing, registry._activities, registry._spawning)
+        for handler in part.get_all_handlers()
+        if handler.fn.__module__.startswith("smtp_oauth_operator.")
+    ]
+    assert ours, "no handlers registered"
+    plain = [f"{fn.__module__}.{fn.__name__}" for fn in ours if not inspect.iscoroutinefunction(fn)]
+    assert not plain, f"kopf would run these in a thread: {plain}"
 
 
 async def test_the_reconciler_refuses_calls_from_another_thread(api: FakeApi) -> None:
