@@ -177,6 +177,19 @@ async def test_an_older_body_with_a_new_uid_replaces_the_entry(api: FakeApi) -> 
     assert await reconciler.process_next() == (NS, "a")
 
 
+async def test_resource_versions_that_are_not_integers_count_as_newer(api: FakeApi) -> None:
+    # Opaque by the API's contract: the integer order is etcd's; anything else must not stall us.
+    reconciler = driven(api, FakeClock())
+    body = api.create(NS, "a", INVALID)
+    body["metadata"]["resourceVersion"] = "opaque-b"
+    reconciler.observe(body)
+    assert await reconciler.process_next() == (NS, "a")
+    edited = api.edit(NS, "a")
+    edited["metadata"]["resourceVersion"] = "opaque-a"
+    reconciler.observe(edited)
+    assert await reconciler.process_next() == (NS, "a")
+
+
 # -- defect 4: a failed status write repeats nothing and backs off ---------------------------------
 
 
