@@ -532,6 +532,9 @@ class ControlPlane:
             self._start_apiserver()
             self._wait_apiserver_ready()
 
+    def is_running(self) -> bool:
+        return bool(self._procs) and all(p.poll() is None for p in self._procs.values())
+
     def restart_etcd(self, down: float = 0.0) -> None:
         """Stop etcd, wait ``down`` seconds, start it again on the same ports with the same data."""
         with self._lock:
@@ -543,9 +546,6 @@ class ControlPlane:
                 _wait_port_free(port, 15.0)
             time.sleep(down)
             self._start_etcd()
-
-    def is_running(self) -> bool:
-        return bool(self._procs) and all(p.poll() is None for p in self._procs.values())
 
     # ---------------------------------------------------------------- ServiceAccount tokens
     def token_for(self, namespace: str, service_account: str, duration: int = 3600) -> str:

@@ -257,7 +257,7 @@ class World:
     def operator(self, proxy: FaultProxy, label: str, *args: str) -> OperatorProcess:
         """An operator process (started) whose API server is the proxy."""
         op = OperatorProcess(
-            self.cp, self.workdir / f"operator-{label}.log", kubeconfig=proxy.kubeconfig, extra_args=args
+            self.cp, self.workdir / f"operator-{label}.log", ["-A", *args], kubeconfig=proxy.kubeconfig
         )
         self._operators.append(op)
         op.start(timeout=90)
@@ -525,7 +525,7 @@ def _seconds(duration: str) -> float:
 def paused_tests(op: OperatorProcess, resources: Sequence[Res]) -> int:
     """Tests the operator logged while kopf had it paused (a standby must not test)."""
     count = 0
-    paused = any(a.startswith("--peering") for a in op.extra_args)  # kopf starts a peer paused
+    paused = any(a.startswith("--peering") for a in op.args)  # kopf starts a peer paused
     for line in op.log().splitlines():
         if "Pausing operations in favour of" in line:
             paused = True

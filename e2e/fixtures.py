@@ -194,14 +194,14 @@ class OperatorProcess:
         self,
         control_plane: ControlPlane,
         log_file: Path,
+        args: Sequence[str] = ("-A",),
         *,
         kubeconfig: Path | None = None,
-        extra_args: Sequence[str] = (),
     ) -> None:
         self.control_plane = control_plane
         self.log_file = log_file
-        self.kubeconfig = kubeconfig  # None: the admin's; the fault suite passes its proxy's
-        self.extra_args = list(extra_args)
+        self.args = list(args)  # scope (-A / -n NS), peering
+        self.kubeconfig = kubeconfig
         self.metrics_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -222,14 +222,13 @@ class OperatorProcess:
         cmd = [
             str(OPERATOR_BIN),
             "run",
-            "-A",
+            *self.args,
             "--log-level",
             "debug",
             "--log-format",
             "json",
             "--metrics-port",
             str(self.metrics_port),
-            *self.extra_args,
         ]
         with self.log_file.open("ab") as log:
             log.write(f"\n=== start #{self.starts + 1}: {' '.join(cmd)}\n".encode())
