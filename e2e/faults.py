@@ -203,6 +203,7 @@ class World:
         self.core = kubernetes.client.CoreV1Api(self.api)
         self._operators: list[OperatorProcess] = []
         self._counter = 0
+        self._namespaces: list[str] = []
         self._deleted_at: dict[tuple[Path, tuple[str, str]], int] = {}  # log offsets at deletion
 
     # ---------------------------------------------------------------- setup
@@ -253,6 +254,13 @@ class World:
                 for op in self._operators:
                     op.kill()
                 self._operators.clear()
+                # The next scenario's operator must not inherit this one's resources (and their timers).
+                for namespace in self._namespaces:
+                    with contextlib.suppress(ApiException):
+                        self.custom.delete_collection_namespaced_custom_object(
+                            GROUP, VERSION, namespace, PLURAL
+                        )
+                self._namespaces.clear()
 
     def operator(self, proxy: FaultProxy, label: str, *args: str) -> OperatorProcess:
         """An operator process (started) whose API server is the proxy."""
@@ -268,6 +276,7 @@ class World:
         self._counter += 1
         name = f"faults-{label}-{self._counter}-{uuid.uuid4().hex[:4]}"
         self.core.create_namespace({"metadata": {"name": name}})
+        self._namespaces.append(name)
         self.core.create_namespaced_config_map(
             name, {"metadata": {"name": "dev-ca"}, "data": {"ca.pem": self.dev.ca_pem}}
         )
@@ -304,25 +313,43 @@ class World:
         return spec
 
     def create(self, ns: Namespace, name: str, *, recheck: str = "1h", **overrides: Any) -> Res:
-        res = Res(ns, name, self.dev.new_app(), _in_days(ALARM_DAYS), recheck=recheck)
-        res.alarm_dates.add(res.expires)
-        self.core.create_namespaced_secret(ns.name, self._secret_body(res))
-        self.custom.create_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            ns.name,
-            PLURAL,
-            {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "SmtpOAuthConfig",
-                "metadata": {"name": name},
-                "spec": self.spec(res, **overrides),
-            },
-        )
-        return res
+        return self.create_many(ns, 1, prefix=name, recheck=recheck, names=[name], **overrides)[0]
 
-    def create_many(self, ns: Namespace, count: int, prefix: str = "mail", **kwargs: Any) -> list[Res]:
-        return [self.create(ns, f"{prefix}-{i}", **kwargs) for i in range(count)]
+    def create_many(
+        self,
+        ns: Namespace,
+        count: int,
+        prefix: str = "mail",
+        *,
+        recheck: str = "1h",
+        names: Sequence[str] | None = None,
+        **overrides: Any,
+    ) -> list[Res]:
+        """The Secrets first, then (a moment later, as ``kubectl apply -f secrets/ -f configs/`` would)
+        the SmtpOAuthConfigs that reference them."""
+        names = list(names or [f"{prefix}-{i}" for i in range(count)])
+        resources = [
+            Res(ns, name, self.dev.new_app(), _in_days(ALARM_DAYS), recheck=recheck) for name in names
+        ]
+        for res in resources:
+            res.alarm_dates.add(res.expires)
+            self.core.create_namespaced_secret(ns.name, self._secret_body(res))
+        time.sleep(1.0)
+        for res in resources:
+            self.custom.create_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                ns.name,
+                PLURAL,
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "SmtpOAuthConfig",
+                    "metadata": {"name": res.name},
+                    "spec": self.spec(res, **overrides),
+                },
+            )
+            res.created_at = time.monotonic()
+        return resources
 
     def change_spec(self, res: Res) -> None:
         """A spec change that asks for a test and changes no date (so no new alarm is due)."""
@@ -655,7 +682,7 @@ def scenario_status_patch_failing(world: World, size: Size) -> Record:
                 )
             )
         start = time.monotonic()
-        resources = [world.create(ns, name) for name in names]
+        resources = world.create_many(ns, count)
         time.sleep(max(0.0, size.outage - (time.monotonic() - start)))
         for rule in rules:
             rule.remove()
@@ -767,32 +794,27 @@ def scenario_blackholed_peers(world: World, size: Size) -> Record:
     ):
         op = world.operator(proxy, "blackhole", f"--workers={size.workers}")
         baseline_ns = world.namespace("healthy-alone")
-        start = time.monotonic()
         baseline = world.create_many(baseline_ns, size.healthy, prefix="healthy")
-        alone = world.wait_converged(baseline, size.converge)
-        if alone is None:
+        start = min(r.created_at for r in baseline)
+        if world.wait_converged(baseline, size.converge) is None:
             raise AssertionError("the healthy resources did not become Ready without faults")
         alone = time.monotonic() - start
         sick_ns = world.namespace("sick")
-        sick = [
-            world.create(
-                sick_ns,
-                f"idp-{i}",
-                **{
-                    "identity.authorityHost": f"https://127.0.0.1:{idp_hole.port}",
-                    "identity.timeoutSeconds": 120,
-                },
-            )
-            for i in range(size.sick_idp)
-        ]
-        sick += [
-            world.create(
-                sick_ns,
-                f"smtp-{i}",
-                **{"smtp.port": smtp_hole.port, "smtp.connectionTimeoutSeconds": 120},
-            )
-            for i in range(size.sick_smtp)
-        ]
+        sick = world.create_many(
+            sick_ns,
+            size.sick_idp,
+            prefix="idp",
+            **{
+                "identity.authorityHost": f"https://127.0.0.1:{idp_hole.port}",
+                "identity.timeoutSeconds": 120,
+            },
+        )
+        sick += world.create_many(
+            sick_ns,
+            size.sick_smtp,
+            prefix="smtp",
+            **{"smtp.port": smtp_hole.port, "smtp.connectionTimeoutSeconds": 120},
+        )
         # However many of them the operator lets at the black holes at once (a bounded pool may hold
         # some back; a starved one may not reach its SMTP server at all), the healthy ones come once
         # the identity provider's hole holds a connection.
@@ -801,8 +823,8 @@ def scenario_blackholed_peers(world: World, size: Size) -> Record:
         )
         time.sleep(2.0)
         healthy_ns = world.namespace("healthy-sick")
-        start = time.monotonic()
         healthy = world.create_many(healthy_ns, size.healthy, prefix="healthy")
+        start = min(r.created_at for r in healthy)
         took = world.wait_converged(healthy, size.converge)
         record.converge_seconds = None if took is None else time.monotonic() - start
         with_sick = record.converge_seconds
@@ -835,23 +857,26 @@ def scenario_blackholed_peers(world: World, size: Size) -> Record:
 
 
 def scenario_secret_deleted_and_rotated(world: World, size: Size) -> Record:
-    """Mid-pass (a recheck in flight), Secrets are deleted or rotated while the Secret watch drops its
-    events and ends with 410; deleted ones come back with a new value."""
+    """Secrets are deleted or rotated while the Secret watch drops its events, which then ends with 410:
+    half of the resources have a pass in flight (a recheck), half are idle, so that only the re-list can
+    tell them. The deleted Secrets then come back with a new value."""
     record = Record("Secret deleted and rotated mid-pass")
     with world.proxy("secret") as proxy:
         op = world.operator(proxy, "secret")
         ns = world.namespace("secret")
-        resources = world.create_many(ns, max(size.resources, 4))
+        resources = world.create_many(ns, max(size.resources, 6))
         _created_and_ready(world, resources, size, record.fault)
-        for i, res in enumerate(resources):
-            world.recheck(res, f"r{i}")
+        busy = resources[: len(resources) // 2]
         drop = proxy.inject("WATCH", "secrets", action="drop-events")
+        for i, res in enumerate(busy):
+            world.recheck(res, f"r{i}")
         deleted, rotated = resources[::2], resources[1::2]
         for res in deleted:
             world.delete_secret(res)
         for res in rotated:
             world.rotate_secret(res)
         proxy.wait_for(lambda: drop.injected >= len(resources), timeout=30)
+        time.sleep(1.0)  # the last of the dropped events
         drop.remove()
         ended = proxy.end_watches("secrets", how="gone")
         lifted = time.monotonic()
@@ -863,8 +888,8 @@ def scenario_secret_deleted_and_rotated(world: World, size: Size) -> Record:
         took = world.wait_converged(resources, size.converge)
         record.converge_seconds = None if took is None else time.monotonic() - lifted
         record.injected = (
-            f"{len(deleted)} Secrets deleted, {len(rotated)} rotated; {drop.injected} Secret events dropped, "
-            f"{ended} watch(es) ended with 410"
+            f"{len(deleted)} Secrets deleted, {len(rotated)} rotated ({len(busy)} resources mid-pass); "
+            f"{drop.injected} Secret watch events dropped, {ended} watch(es) ended with 410"
         )
         _settle(world, size)
         world.count(record, resources, [op])

@@ -21,6 +21,20 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 _RECORDS: list[Record] = []
 
+# Faults the operator does not survive yet, each a bug report of its own (strict: once fixed, the test
+# passes, pytest reports XPASS as a failure, and the entry must go).
+KNOWN: dict[str, str] = {
+    "operator-sigkill": (
+        "a pass's e-mails are remembered only in memory until its status write succeeds: a SIGKILL "
+        "before that write repeats the alarm e-mail and the test message after the restart"
+    ),
+    "secret-deleted-rotated": (
+        "after a Secret re-list the feed pokes only the Secrets whose version it saw in an event while "
+        "referenced: a Secret created before its SmtpOAuthConfig and deleted during a watch gap goes "
+        "unnoticed (Ready stays True)"
+    ),
+}
+
 
 @pytest.fixture(scope="module")
 def world(k8s_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
@@ -36,7 +50,15 @@ def world(k8s_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     print("\n" + table(_RECORDS))
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN[name], strict=True))
+        if name in KNOWN
+        else name
+        for name in SCENARIOS
+    ],
+)
 def test_fault(world: World, scenario: str) -> None:
     record = SCENARIOS[scenario](world, CI)
     _RECORDS.append(record)
