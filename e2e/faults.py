@@ -838,7 +838,6 @@ def scenario_blackholed_peers(world: World, size: Size) -> Record:
                 f"healthy time to Ready: {alone:.2f} s alone, {with_sick:.2f} s beside the black holes "
                 f"(ratio {ratio:.2f}, target <= 1.2)"
             )
-            record.__dict__["ratio"] = ratio
         _settle(world, size)
         world.count(record, [*baseline, *healthy], [op])
         stuck_ready = [
