@@ -16,6 +16,7 @@ operators started here as processes:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -28,9 +29,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes
 import pytest
 from e2e.controlplane import REPO_ROOT, ControlPlane
 from e2e.fixtures import CRD_NAME, Dev, Namespace, OperatorProcess, wait_until
+
+from smtp_oauth_operator.clients.watching import SECRETS, ApiConnection, Informer
 
 PEERING_CRDS = REPO_ROOT / "charts" / "smtp-oauth-operator" / "crds" / "kopf-peerings.yaml"
 RECHECK = 60.0  # the CRD's minimum recheckInterval, 1m
@@ -319,3 +323,51 @@ def test_unreferenced_secrets_are_never_downloaded(
 def _listed_secrets(op: OperatorProcess) -> int:
     listed = [r for r in op.log_records() if str(r.get("message", "")).startswith("Secret: listed")]
     return int(str(listed[0]["message"]).split()[2]) if listed else 0
+
+
+# --------------------------------------------------------------------------------------------
+# the informer itself, in-process
+
+
+def test_the_informer_pages_keeps_only_names_and_versions_and_follows_changes(plane: ControlPlane) -> None:
+    namespace = f"e2e-informer-{uuid.uuid4().hex[:5]}"
+    plane.kubectl("create", "namespace", namespace)
+    items = [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"s-{i:02d}", "labels": {"big": "x" * 60},
+                                                            "annotations": {"note": "y" * 1000}},
+         "stringData": {"value": f"secret-{i}"}}
+        for i in range(23)
+    ]  # fmt: skip
+    plane.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                                         "items": items}))  # fmt: skip
+    assert plane.kubeconfig is not None
+    configuration = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(config_file=str(plane.kubeconfig), client_configuration=configuration)
+    resyncs: list[list[dict[str, Any]]] = []
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    async def scenario() -> None:
+        api = ApiConnection(configuration)
+        informer = Informer(api, SECRETS, [namespace], on_resync=resyncs.append,
+                            on_event=lambda t, o: events.append((t, o)), page_size=5)  # fmt: skip
+        task = asyncio.create_task(informer.run())
+        try:
+            async with asyncio.timeout(30):
+                while not resyncs:
+                    await asyncio.sleep(0.05)
+                await asyncio.to_thread(plane.kubectl, "delete", "secret", "s-03", "-n", namespace)
+                while not events:
+                    await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await api.close()
+
+    asyncio.run(scenario())
+    (listed,) = resyncs
+    assert sorted(o["metadata"]["name"] for o in listed) == [f"s-{i:02d}" for i in range(23)]  # 5 pages
+    for obj in listed + [o for _, o in events]:
+        assert set(obj) == {"metadata"}
+        assert set(obj["metadata"]) <= {"namespace", "name", "uid", "resourceVersion"}
+    assert [(t, o["metadata"]["name"]) for t, o in events] == [("DELETED", "s-03")]

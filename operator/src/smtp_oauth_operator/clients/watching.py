@@ -107,6 +107,8 @@ class ApiConnection:
         if self._session is not None:
             await self._session.close()
             self._session = None
+            # aiohttp returns before the TLS transports have closed (aiohttp#1925); let them.
+            await asyncio.sleep(0.25)
 
     async def _headers(self, accept: str) -> dict[str, str]:
         headers = {"Accept": accept, "User-Agent": "smtp-oauth-operator"}
