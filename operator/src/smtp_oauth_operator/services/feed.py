@@ -139,10 +139,14 @@ class Feed:
     # -- SmtpOAuthConfigs ------------------------------------------------------------------------
 
     def _resync_configs(self, bodies: list[dict[str, Any]]) -> None:
+        if logger.isEnabledFor(logging.DEBUG):
+            for body in bodies:
+                logger.debug("SmtpOAuthConfig %s/%s listed", *_key(body))
         self.reconciler.resync(bodies)
         self.tokens.retain(_owner(_key(body)) for body in bodies)
 
     def _config_event(self, type_: str, body: dict[str, Any]) -> None:
+        logger.debug("SmtpOAuthConfig %s/%s %s", *_key(body), type_)
         if type_ == "DELETED":
             key = _key(body)
             self.reconciler.forget(*key)
