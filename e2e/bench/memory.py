@@ -87,10 +87,10 @@ def _create_bulk(api: kubernetes.client.ApiClient, namespace: str, count: int, s
     last-applied-configuration annotation); returns the seconds it took."""
     core = kubernetes.client.CoreV1Api(api)
     core.create_namespace({"metadata": {"name": namespace}})
-    blob = base64.b64encode(b"\0" * size).decode()
     started = time.monotonic()
 
     def create(i: int) -> None:
+        blob = base64.b64encode(os.urandom(size)).decode()  # incompressible, like a gzipped Helm release
         core.create_namespaced_secret(
             namespace,
             {
