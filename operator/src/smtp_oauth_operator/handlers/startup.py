@@ -139,6 +139,10 @@ async def reconciler_alive(memo: kopf.Memo, **_: Any) -> str:
     if reconciler is None:
         raise kopf.PermanentError("the reconciler has not started")
     problem = reconciler.health()
+    follower: asyncio.Task[None] | None = getattr(memo, "peering", None)
+    if problem is None and follower is not None and follower.done():
+        # Without it this replica can no longer tell whether it may work: let the kubelet restart it.
+        problem = "the task following kopf's peering (pause/resume) stopped"
     if problem is not None:
         raise kopf.PermanentError(problem)
     return "ok"
