@@ -197,3 +197,15 @@ async def test_async_queue_with_a_fake_clock_does_not_spin() -> None:
     assert q._timer is timer
     clock.advance(3600)
     assert q.queue.get() == "a"
+
+
+async def test_a_woken_worker_that_is_cancelled_passes_the_key_on() -> None:
+    loop = asyncio.get_running_loop()
+    q: AsyncWorkQueue[str] = AsyncWorkQueue(WorkQueue(loop.time), loop)
+    first, second = asyncio.create_task(q.get()), asyncio.create_task(q.get())
+    await asyncio.sleep(0)
+    q.add("a")  # wakes the first waiter ...
+    first.cancel()  # ... which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert await asyncio.wait_for(second, 1) == "a"

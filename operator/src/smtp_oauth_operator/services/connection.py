@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from smtp_oauth_operator.clients.identity import TokenProvider, TokenRequest
-from smtp_oauth_operator.clients.smtp import Message, SmtpTarget, authenticate
+from smtp_oauth_operator.clients.smtp import Message, SmtpResult, SmtpTarget, authenticate
 from smtp_oauth_operator.domain.objects import ObjectSource, SourceObject
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
 from smtp_oauth_operator.domain.spec import KeyRef, SmtpOAuthSpec, parse_time
@@ -203,6 +203,42 @@ def smtp_target(spec: SmtpOAuthSpec, inputs: Inputs) -> SmtpTarget:
     )
 
 
+# Each step's timeouts are per socket operation; a peer that trickles bytes, or a thread stuck in a
+# black-holed connection, could hold a worker for ever. A deadline per step bounds the whole step:
+# a token request may take two round trips (metadata, then token), an SMTP session several.
+DEADLINE_FACTOR = 2.0
+
+
+async def _token(
+    tokens: TokenProvider, request: TokenRequest, deadline: float | None = None, *, owner: str | None = None
+) -> str:
+    limit = deadline if deadline is not None else request.timeout * DEADLINE_FACTOR
+    try:
+        async with asyncio.timeout(limit):
+            token = await tokens.acquire(request, owner=owner)
+    except TimeoutError:
+        raise CheckFailed(
+            Reason.IDENTITY_PROVIDER_UNREACHABLE,
+            f"the identity provider {urlsplit(request.authority_host).netloc} did not issue a token "
+            f"within {limit:g} s",
+        ) from None
+    return token.value
+
+
+async def _session(
+    target: SmtpTarget, username: str, token: str, message: Message | None, deadline: float | None = None
+) -> SmtpResult:
+    limit = deadline if deadline is not None else target.timeout * DEADLINE_FACTOR
+    try:
+        async with asyncio.timeout(limit):
+            return await authenticate(target, username, token, message=message)
+    except TimeoutError:
+        raise CheckFailed(
+            Reason.SMTP_CONNECTION_TIMEOUT,
+            f"the SMTP session with {target.describe()} did not end within {limit:g} s",
+        ) from None
+
+
 async def run(
     spec: SmtpOAuthSpec,
     inputs: Inputs,
@@ -210,8 +246,11 @@ async def run(
     *,
     where: str,
     now: datetime | None = None,
+    deadline: float | None = None,
 ) -> ConnectionTestResult:
-    """Acquire a token and authenticate to SMTP; the result, never an exception, for CheckFailed."""
+    """Acquire a token and authenticate to SMTP; the result, never an exception, for CheckFailed.
+
+    ``deadline`` bounds each step (default: twice its timeout)."""
     started = now or datetime.now(UTC)
     clock = time.monotonic()
     request = token_request(spec, inputs)
@@ -227,9 +266,9 @@ async def run(
     failure: CheckFailed | None = None
     sent = False
     try:
-        token = await tokens.acquire(request, owner=where)
+        token = await _token(tokens, request, deadline, owner=where)
         try:
-            result = await authenticate(target, spec.username, token.value, message=message)
+            result = await _session(target, spec.username, token, message, deadline)
             sent = result.sent is not None
         except CheckFailed as exc:
             if exc.reason is Reason.AUTHENTICATION_REJECTED:
@@ -253,10 +292,10 @@ async def send_mail(
     spec: SmtpOAuthSpec, inputs: Inputs, tokens: TokenProvider, to: tuple[str, ...], subject: str, body: str
 ) -> None:
     """Send one message through this very configuration (alarm e-mails); raises CheckFailed."""
-    token = await tokens.acquire(token_request(spec, inputs))
-    await authenticate(
+    token = await _token(tokens, token_request(spec, inputs))
+    await _session(
         smtp_target(spec, inputs),
         spec.username,
-        token.value,
-        message=Message(sender=spec.username, to=to, subject=subject, body=body),
+        token,
+        Message(sender=spec.username, to=to, subject=subject, body=body),
     )

@@ -52,9 +52,10 @@ Key = tuple[str, str]
 RefKey = tuple[str, str, str]  # kind, namespace, name
 RETRY_ON_API_ERROR = 15.0  # seconds, doubled per failure up to 5 minutes
 MAX_RETRY_ON_API_ERROR = 300.0
-# A pass's token request and SMTP session have their own deadlines (services/connection.py); this
-# one catches the rest (a stuck API read), so that no worker is held for ever.
-PASS_DEADLINE = 15 * 60.0
+# A pass's token requests and SMTP sessions have their own deadlines (services/connection.py: twice
+# their timeouts, at most 300 s each, for the test and the alarm e-mail); this backstop catches the
+# rest (an API call that never returns), so that no worker is held for ever.
+PASS_DEADLINE = 45 * 60.0
 HEARTBEAT = 1.0
 MAX_LOOP_LAG = 30.0
 
@@ -166,6 +167,8 @@ class Reconciler:
         self._busy: dict[int, tuple[Key, float]] = {}  # worker → (key, since)
         self._heartbeat: asyncio.Task[None] | None = None
         self._beat = self._loop.time()
+        self._stall = 0.0  # the last stall of the loop longer than max_loop_lag ...
+        self._stalled_until = 0.0  # ... reported by the probe until then
         self._paused = False
         self.passes = 0  # for tests and the benchmark
         self.writes = 0
@@ -271,6 +274,8 @@ class Reconciler:
             return "the event loop heartbeat stopped"
         if now - self._beat > self.max_loop_lag:
             return f"the event loop did not run for {now - self._beat:.0f} s"
+        if now < self._stalled_until:
+            return f"the event loop stalled for {self._stall:.1f} s"
         stuck = [k for k, since in self._busy.values() if now - since > self.pass_deadline + 60]
         if stuck:
             return f"a pass over {stuck[0][0]}/{stuck[0][1]} outlived its deadline"
@@ -285,9 +290,19 @@ class Reconciler:
         self._heartbeat = asyncio.create_task(self._tick(), name="reconciler-heartbeat")
 
     async def _tick(self) -> None:
+        """Measure the loop's lag: how late a short sleep wakes up. While the loop is blocked the
+        probe itself cannot answer (the kubelet's timeout fails it); for ``max_loop_lag`` seconds
+        afterwards the probe still reports the stall (a probe that waited in the socket meanwhile
+        must not use it up), so a stall that long adds up to the kubelet's failure threshold."""
+        interval = min(HEARTBEAT, self.max_loop_lag / 4)
         while True:
+            expected = self._loop.time() + interval
+            await asyncio.sleep(interval)
             self._beat = self._loop.time()
-            await asyncio.sleep(HEARTBEAT)
+            lag = self._beat - expected
+            if lag > self.max_loop_lag:
+                self._stall = lag
+                self._stalled_until = self._beat + self.max_loop_lag
 
     async def _halt(self, grace: float) -> None:
         self._queue.shutdown()
@@ -306,8 +321,9 @@ class Reconciler:
                 await task
         self._busy.clear()
 
-    async def stop(self) -> None:
-        await self._halt(0)
+    async def stop(self, grace: float = 10.0) -> None:
+        """Shut down: a pass in flight may end (within ``grace``), then the workers are cancelled."""
+        await self._halt(grace)
 
     async def pause(self, grace: float = 30.0) -> None:
         """Another replica is active: stop every timer and worker, drop the cache and its metrics.
@@ -322,6 +338,8 @@ class Reconciler:
 
     def resume(self) -> None:
         self._on_loop()
+        if not self._paused:
+            return
         self._queue = self._new_queue()
         self.start()
 
@@ -365,9 +383,18 @@ class Reconciler:
         except (KubeUnavailable, CheckFailed, TimeoutError) as exc:
             if self._entries.get(key) is entry:
                 wait = self._queue.add_rate_limited(key)
-                what = "writing the status of" if entry.pending is not None else "reconciling"
-                detail = str(exc) or f"no answer within {self.pass_deadline:.0f} s"
-                logger.warning("API trouble %s %s/%s (%s); retrying in %.0f s", what, *key, detail, wait)
+                detail = str(exc) or f"the pass did not end within {self.pass_deadline:.0f} s"
+                if entry.pending is not None:
+                    logger.warning(
+                        "Could not write the status of %s/%s (%s); retrying in %.0f s", *key, detail, wait
+                    )
+                else:
+                    logger.warning(
+                        "API server trouble while reconciling %s/%s (%s); retrying in %.0f s",
+                        *key,
+                        detail,
+                        wait,
+                    )
             return
         except asyncio.CancelledError:
             raise
@@ -469,6 +496,8 @@ class Reconciler:
         """Write the pending status (raises KubeUnavailable or CheckFailed, and it stays pending),
         then post its Events. A 404 means the resource is gone: forget it."""
         assert entry.pending is not None
+        if self._entries.get(key) is not entry:
+            return  # deleted (or re-created) while the e-mail went out: its status is not ours
         body = entry.body
         patch = _status_patch(body.get("status") or {}, entry.pending)
         if patch:
