@@ -350,7 +350,7 @@ def test_the_informer_pages_keeps_only_names_and_versions_and_follows_changes(pl
 
     async def scenario() -> None:
         api = ApiConnection(configuration)
-        informer = Informer(api, SECRETS, [namespace], on_resync=resyncs.append,
+        informer = Informer(api, SECRETS, namespace, on_resync=resyncs.append,
                             on_event=lambda t, o: events.append((t, o)), page_size=5)  # fmt: skip
         task = asyncio.create_task(informer.run())
         try:
@@ -373,3 +373,38 @@ def test_the_informer_pages_keeps_only_names_and_versions_and_follows_changes(pl
         assert set(obj) == {"metadata"}
         assert set(obj["metadata"]) <= {"namespace", "name", "uid", "resourceVersion"}
     assert [(t, o["metadata"]["name"]) for t, o in events] == [("DELETED", "s-03")]
+
+
+# --------------------------------------------------------------------------------------------
+# -n a -n b: a namespace the operator may not read stops only its own watches
+
+
+def test_a_forbidden_namespace_does_not_stop_the_others(
+    plane: ControlPlane, dev: Dev, operators: Any, tmp_path: Path
+) -> None:
+    ns = _namespace(plane, dev, "allowed")
+    forbidden = f"e2e-forbidden-{uuid.uuid4().hex[:5]}"
+    plane.kubectl("create", "namespace", forbidden)
+    rules = [
+        {"apiGroups": ["smtpoauth.dev"], "resources": ["smtpoauthconfigs"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["smtpoauth.dev"], "resources": ["smtpoauthconfigs/status"], "verbs": ["patch"]},
+        {"apiGroups": [""], "resources": ["secrets", "configmaps"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    ]
+    ns.apply([
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "operator"}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "operator"}, "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "operator"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "operator"},
+         "subjects": [{"kind": "ServiceAccount", "name": "operator", "namespace": ns.name}]},
+    ])  # fmt: skip
+    token = plane.token_for(ns.name, "operator")
+    kubeconfig = plane.kubeconfig_for_token(token, tmp_path / "sa.kubeconfig")
+    app = dev.new_app()
+    ns.secret(app.secret)
+    ns.smtp_oauth_config("mail", dev.spec(app))
+
+    op = operators("two-namespaces", "-n", forbidden, "-n", ns.name, kubeconfig=kubeconfig)
+    ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested", timeout=60)
+    wait_until(lambda: f"namespaces/{forbidden}/smtpoauthconfigs: HTTP 403" in op.current_log(),
+               timeout=30, what="the forbidden namespace's failure logged")  # fmt: skip

@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,18 +201,19 @@ OnEvent = Callable[[str, dict[str, Any]], None]
 
 
 class Informer:
-    """List + watch of one kind in the given namespaces (``None``: cluster-wide).
+    """List + watch of one kind in one namespace (``None``: cluster-wide).
 
-    ``on_resync(objects)`` gets the complete list of every namespace after each (re)list;
-    ``on_event(type, object)`` each ADDED, MODIFIED or DELETED after it. Both are called on the
-    event loop. :meth:`run` runs until cancelled.
+    ``on_resync(objects)`` gets the complete list after each (re)list; ``on_event(type, object)`` each
+    ADDED, MODIFIED or DELETED after it. Both are called on the event loop. :meth:`run` runs until
+    cancelled. One informer per namespace (``-n a -n b``), so that a namespace the operator may not
+    read (a missing Role) stops only its own informers.
     """
 
     def __init__(
         self,
         api: ApiConnection,
         kind: Kind,
-        namespaces: Sequence[str] | None,
+        namespace: str | None,
         *,
         on_resync: OnResync,
         on_event: OnEvent,
@@ -221,23 +222,24 @@ class Informer:
     ) -> None:
         self.api = api
         self.kind = kind
-        self.namespaces: list[str | None] = list(namespaces) if namespaces else [None]
+        self.namespace = namespace
         self.on_resync = on_resync
         self.on_event = on_event
         self.page_size = page_size
         self.watch_timeout = watch_timeout
         self.lists = 0  # complete (re)lists so far: for tests and logs
 
-    def _where(self) -> str:
-        return "cluster-wide" if self.namespaces == [None] else f"in {', '.join(map(str, self.namespaces))}"
+    @property
+    def where(self) -> str:
+        return "cluster-wide" if self.namespace is None else f"in {self.namespace}"
 
     async def run(self) -> None:
         failures = 0
         while True:
             try:
-                versions = await self._list()
+                version = await self._list()
                 failures = 0
-                await self._watch_all(versions)
+                await self._watch(self.namespace, version)
             except Gone as exc:
                 logger.info("%s: %s; listing again", self.kind.name, exc)
             except WatchFailed as exc:
@@ -248,37 +250,21 @@ class Informer:
                 )
                 await asyncio.sleep(delay)
 
-    async def _list(self) -> dict[str | None, str]:
+    async def _list(self) -> str:
         objects: list[dict[str, Any]] = []
-        versions: dict[str | None, str] = {}
         accept = METADATA_LIST if self.kind.metadata_only else JSON
-        for namespace in self.namespaces:
-            params = {"limit": str(self.page_size)}
-            while True:
-                page = await self.api.get(self.kind.path(namespace), params, accept, timeout=60)
-                objects.extend(_slim(item, self.kind.metadata_only) for item in page.get("items") or ())
-                meta = page.get("metadata") or {}
-                if not meta.get("continue"):
-                    versions[namespace] = str(meta.get("resourceVersion") or "")
-                    break
-                params = {"limit": str(self.page_size), "continue": str(meta["continue"])}
+        params = {"limit": str(self.page_size)}
+        while True:
+            page = await self.api.get(self.kind.path(self.namespace), params, accept, timeout=60)
+            objects.extend(_slim(item, self.kind.metadata_only) for item in page.get("items") or ())
+            meta = page.get("metadata") or {}
+            if not meta.get("continue"):
+                break
+            params = {"limit": str(self.page_size), "continue": str(meta["continue"])}
         self.lists += 1
-        logger.debug("%s: listed %d %s", self.kind.name, len(objects), self._where())
+        logger.debug("%s: listed %d %s", self.kind.name, len(objects), self.where)
         self.on_resync(objects)
-        return versions
-
-    async def _watch_all(self, versions: dict[str | None, str]) -> None:
-        watches = [asyncio.create_task(self._watch(ns, rv)) for ns, rv in versions.items()]
-        try:
-            done, _ = await asyncio.wait(watches, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()  # the first failure ends every watch: one re-list of all namespaces
-        finally:
-            for task in watches:
-                task.cancel()
-            for task in watches:
-                with contextlib.suppress(asyncio.CancelledError, WatchFailed):
-                    await task
+        return str(meta.get("resourceVersion") or "")
 
     async def _watch(self, namespace: str | None, version: str) -> None:
         accept = METADATA if self.kind.metadata_only else JSON

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol
@@ -72,32 +73,39 @@ class Feed:
         self.tokens = tokens
         self._tasks: list[asyncio.Task[None]] = []
         self.paused = False
+        scopes: list[str | None] = list(namespaces) if namespaces else [None]
+        self._cluster_wide = scopes == [None]
+        # the SmtpOAuthConfigs each namespace's informer last listed or saw (namespaced mode)
+        self._configs: dict[str | None, set[Key]] = {scope: set() for scope in scopes}
         # resourceVersion of each referenced Secret / ConfigMap, as last seen
         self._versions: dict[SourceKind, dict[Key, str]] = {"Secret": {}, "ConfigMap": {}}
-        self._fresh: set[SourceKind] = set()  # the next list is the first since (re)start
-        self.informers = [
-            Informer(
-                api,
-                CONFIGS,
-                namespaces,
-                on_resync=self._resync_configs,
-                on_event=self._config_event,
-                page_size=page_size,
-                watch_timeout=watch_timeout,
-            ),
-            *(
+        self._fresh: set[tuple[SourceKind, str | None]] = set()  # next list is the first since (re)start
+        self.informers: list[Informer] = []
+        for scope in scopes:
+            self.informers.append(
                 Informer(
                     api,
-                    kind,
-                    namespaces,
-                    on_resync=lambda objs, k=kind.name: self._resync_sources(k, objs),  # type: ignore[misc]
-                    on_event=lambda t, obj, k=kind.name: self._source_event(k, t, obj),  # type: ignore[misc]
+                    CONFIGS,
+                    scope,
+                    on_resync=functools.partial(self._resync_configs, scope),
+                    on_event=self._config_event,
                     page_size=page_size,
                     watch_timeout=watch_timeout,
                 )
-                for kind in (SECRETS, CONFIGMAPS)
-            ),
-        ]
+            )
+            for kind in (SECRETS, CONFIGMAPS):
+                name: SourceKind = "Secret" if kind is SECRETS else "ConfigMap"
+                self.informers.append(
+                    Informer(
+                        api,
+                        kind,
+                        scope,
+                        on_resync=functools.partial(self._resync_sources, name, scope),
+                        on_event=functools.partial(self._source_event, name),
+                        page_size=page_size,
+                        watch_timeout=watch_timeout,
+                    )
+                )
 
     @property
     def running(self) -> bool:
@@ -107,11 +115,15 @@ class Feed:
         if self._tasks:
             return
         self.paused = False
-        self._fresh = {"Secret", "ConfigMap"}
+        self._fresh = {
+            (kind, informer.namespace) for informer in self.informers for kind in ("Secret", "ConfigMap")
+        }
         for versions in self._versions.values():
             versions.clear()
+        for keys in self._configs.values():
+            keys.clear()
         self._tasks = [
-            asyncio.create_task(informer.run(), name=f"informer for {informer.kind.plural}")
+            asyncio.create_task(informer.run(), name=f"informer for {informer.kind.plural} {informer.where}")
             for informer in self.informers
         ]
 
@@ -138,21 +150,36 @@ class Feed:
 
     # -- SmtpOAuthConfigs ------------------------------------------------------------------------
 
-    def _resync_configs(self, bodies: list[dict[str, Any]]) -> None:
+    def _resync_configs(self, scope: str | None, bodies: list[dict[str, Any]]) -> None:
+        listed = {_key(body) for body in bodies}
         if logger.isEnabledFor(logging.DEBUG):
-            for body in bodies:
-                logger.debug("SmtpOAuthConfig %s/%s listed", *_key(body))
-        self.reconciler.resync(bodies)
-        self.tokens.retain(_owner(_key(body)) for body in bodies)
-
-    def _config_event(self, type_: str, body: dict[str, Any]) -> None:
-        logger.debug("SmtpOAuthConfig %s/%s %s", *_key(body), type_)
-        if type_ == "DELETED":
-            key = _key(body)
+            for key in sorted(listed):
+                logger.debug("SmtpOAuthConfig %s/%s listed", *key)
+        if self._cluster_wide:
+            self.reconciler.resync(bodies)
+            self.tokens.retain(_owner(key) for key in listed)
+            return
+        # One namespace's list says nothing about the others: drop what it no longer holds, keep theirs.
+        for key in sorted(self._configs[scope] - listed):
             self.reconciler.forget(*key)
             self.tokens.release(_owner(key))
+        for body in bodies:
+            self.reconciler.observe(body)
+        self._configs[scope] = listed
+
+    def _config_event(self, type_: str, body: dict[str, Any]) -> None:
+        key = _key(body)
+        logger.debug("SmtpOAuthConfig %s/%s %s", *key, type_)
+        keys = self._configs.get(key[0]) if not self._cluster_wide else None
+        if type_ == "DELETED":
+            self.reconciler.forget(*key)
+            self.tokens.release(_owner(key))
+            if keys is not None:
+                keys.discard(key)
         else:
             self.reconciler.observe(body)
+            if keys is not None:
+                keys.add(key)
 
     # -- referenced Secrets and ConfigMaps ------------------------------------------------------
 
@@ -168,18 +195,21 @@ class Feed:
             versions[key] = str((obj.get("metadata") or {}).get("resourceVersion") or "")
         self.reconciler.poke(kind, *key)
 
-    def _resync_sources(self, kind: SourceKind, objs: list[dict[str, Any]]) -> None:
+    def _resync_sources(self, kind: SourceKind, scope: str | None, objs: list[dict[str, Any]]) -> None:
         listed = {
             key: str((obj.get("metadata") or {}).get("resourceVersion") or "")
             for obj in objs
             if self.reconciler.is_referenced(kind, *(key := _key(obj)))
         }
-        known = self._versions[kind]
-        if kind in self._fresh:
+        versions = self._versions[kind]
+        known = {k: v for k, v in versions.items() if scope is None or k[0] == scope}
+        if (kind, scope) in self._fresh:
             # After a (re)start every resource gets a first pass anyway, which reads its objects.
-            self._fresh.discard(kind)
+            self._fresh.discard((kind, scope))
         else:
             changed = {k for k, v in listed.items() if known.get(k) != v} | (known.keys() - listed.keys())
             for key in sorted(changed):
                 self.reconciler.poke(kind, *key)
-        self._versions[kind] = listed
+        for key in known:
+            del versions[key]
+        versions.update(listed)
