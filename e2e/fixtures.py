@@ -325,10 +325,13 @@ class OperatorProcess:
             return str(resp.read().decode())
 
     def seen_since_start(self, namespace: str, name: str) -> bool:
-        """Whether the current process has logged anything about ``namespace/name``."""
+        """Whether the current process has logged anything about ``namespace/name`` (at debug level the
+        operator logs every SmtpOAuthConfig it lists or sees an event of)."""
         for record in self.log_records():
             obj = record.get("object") or {}
             if obj.get("namespace") == namespace and obj.get("name") == name:
+                return True
+            if str(record.get("message", "")).startswith(f"SmtpOAuthConfig {namespace}/{name} "):
                 return True
         return False
 
