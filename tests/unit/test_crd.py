@@ -209,6 +209,7 @@ def test_status_fields() -> None:
         "alarmHistory": "array",
         "observedFingerprint": "string",
         "handledRecheck": "string",
+        "clientCertificate": "object",
     }
     assert {k: v["type"] for k, v in props.items()} == expected
     for name in ("lastTestTime", "nextTestTime", "clientSecretExpiresAt"):
@@ -243,7 +244,9 @@ def test_printer_columns() -> None:
 def test_required_fields() -> None:
     assert SCHEMA["required"] == ["spec"]
     assert SPEC_SCHEMA["required"] == ["username", "identity"]
-    assert at("identity")["required"] == ["tenantId", "clientId", "clientSecret"]
+    assert at("identity")["required"] == ["tenantId", "clientId"]
+    assert at("identity.clientCertificate")["required"] == ["secretRef"]
+    assert at("identity.clientCertificate.secretRef")["required"] == ["name"]
     assert at("identity.clientSecret")["required"] == ["secretKeyRef"]
     assert at("identity.clientSecret.secretKeyRef")["required"] == ["name", "key"]
 
@@ -467,6 +470,69 @@ def test_valid_full_sets_every_field() -> None:
         "smtp.caBundle.secretKeyRef",
         "identity.caBundle.configMapKeyRef",
         "identity.clientSecret.expiresAtKey",
+        # One credential kind per resource: valid-full shows clientSecret.
+        "identity.clientCertificate",
+        "identity.workloadIdentity",
     }
     unset = {p for p in schema_paths - paths(config["spec"]) if not any(p.startswith(e) for e in either_or)}
     assert not unset
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Credential kinds
+
+
+CERTIFICATE = {"clientCertificate": {"secretRef": {"name": "exo-app-cert"}}}
+WORKLOAD = {"workloadIdentity": {"serviceAccountName": "mail-sender"}}
+
+
+def _identity(**credential: Any) -> dict[str, Any]:
+    spec = copy.deepcopy(MINIMAL)
+    del spec["identity"]["clientSecret"]
+    spec["identity"].update(credential)
+    return spec
+
+
+def test_exactly_one_credential_rule_is_in_the_crd() -> None:
+    (rule,) = cel_rules(at("identity"))
+    for name in ("clientSecret", "clientCertificate", "workloadIdentity"):
+        assert f"has(self.{name})" in rule["rule"]
+    assert "== 1" in rule["rule"]
+
+
+def test_certificate_and_workload_identity_parse() -> None:
+    cert = parse_spec(_identity(**CERTIFICATE))
+    assert cert.credential_kind == "ClientCertificate"
+    assert cert.secret_ref is None
+    assert cert.client_certificate is not None
+    assert (
+        cert.client_certificate.send_certificate_chain
+        is at("identity.clientCertificate.sendCertificateChain")["default"]
+    )
+    assert cert.referenced_objects() == {("Secret", "exo-app-cert")}
+    wi = parse_spec(_identity(**WORKLOAD))
+    assert wi.credential_kind == "WorkloadIdentity"
+    assert wi.referenced_objects() == set()
+    assert wi.workload_identity is not None
+    assert wi.workload_identity.subject("mail") == "system:serviceaccount:mail:mail-sender"
+    own = parse_spec(_identity(workloadIdentity={"useOperatorIdentity": True}))
+    assert own.workload_identity is not None
+    assert own.workload_identity.use_operator_identity
+    assert own.workload_identity.service_account is None
+
+
+def test_audience_is_derived_per_cloud_and_documented() -> None:
+    description = " ".join(at("identity.workloadIdentity.audience")["description"].split())
+    assert "default" not in at("identity.workloadIdentity.audience")
+    for name, cloud in CLOUDS.items():
+        assert f"{name} {cloud.federation_audience}" in description
+        spec = _identity(**WORKLOAD)
+        spec["identity"]["cloud"] = name
+        parsed = parse_spec(spec)
+        assert parsed.workload_identity is not None
+        assert parsed.workload_identity.audience == cloud.federation_audience
+
+
+def test_secret_spec_references_secret_and_bundles() -> None:
+    spec = with_value("identity.caBundle", {"configMapKeyRef": {"name": "trust", "key": "ca.pem"}})
+    assert parse_spec(spec).referenced_objects() == {("Secret", "exo-app"), ("ConfigMap", "trust")}

@@ -13,7 +13,7 @@ import base64
 import binascii
 import json
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -21,6 +21,7 @@ import yaml
 
 from smtp_oauth_operator.clients.identity import TokenProvider
 from smtp_oauth_operator.domain.objects import SourceObject
+from smtp_oauth_operator.domain.reasons import CheckFailed, Reason
 from smtp_oauth_operator.domain.spec import GROUP, KIND
 from smtp_oauth_operator.services.evaluation import evaluate
 
@@ -34,7 +35,8 @@ class InputError(Exception):
 class ManifestSource:
     """Secrets and ConfigMaps read from manifest files, keyed by (kind, namespace, name)."""
 
-    def __init__(self, objects: Iterable[Mapping[str, Any]]) -> None:
+    def __init__(self, objects: Iterable[Mapping[str, Any]], token_file: str | None = None) -> None:
+        self._token_file = token_file
         self._objects: dict[tuple[str, str, str], SourceObject] = {}
         for obj in objects:
             kind = obj.get("kind")
@@ -42,12 +44,36 @@ class ManifestSource:
                 continue
             meta = obj.get("metadata") or {}
             key = (str(kind), str(meta.get("namespace") or "default"), str(meta.get("name")))
-            self._objects[key] = SourceObject(_decode(obj, key), meta)
+            kind_type = str(obj.get("type") or "Opaque") if kind == "Secret" else None
+            self._objects[key] = SourceObject(_decode(obj, key), meta, type=kind_type)
 
     async def read(
         self, kind: Literal["Secret", "ConfigMap"], namespace: str, name: str
     ) -> SourceObject | None:
         return self._objects.get((kind, namespace, name))
+
+    def assertion_source(self, namespace: str, service_account: str, audience: str) -> Callable[[], str]:
+        """Workload identity offline: the ServiceAccount token from ``--token-file``, re-read on each
+        use (``kubectl create token NAME --audience AUDIENCE > FILE``)."""
+        path = self._token_file
+
+        def fetch() -> str:
+            if path is None:
+                raise CheckFailed(
+                    Reason.SERVICE_ACCOUNT_NOT_FOUND,
+                    f"no token for ServiceAccount {namespace}/{service_account}: pass --token-file with "
+                    f"the output of kubectl create token {service_account} -n {namespace} --audience {audience}",
+                )
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    return fh.read().strip()
+            except OSError as exc:
+                raise CheckFailed(
+                    Reason.SERVICE_ACCOUNT_NOT_FOUND,
+                    f"cannot read --token-file {path} ({exc.strerror or 'unreadable'})",
+                ) from None
+
+        return fetch
 
 
 def _decode(obj: Mapping[str, Any], key: tuple[str, str, str]) -> dict[str, str]:
@@ -86,13 +112,13 @@ def load(paths: Sequence[str]) -> list[Mapping[str, Any]]:
     return docs
 
 
-async def check(docs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+async def check(docs: Sequence[Mapping[str, Any]], token_file: str | None = None) -> list[dict[str, Any]]:
     configs = [
         d for d in docs if d.get("kind") == KIND and str(d.get("apiVersion", "")).startswith(f"{GROUP}/")
     ]
     if not configs:
         raise InputError(f"no {KIND} ({GROUP}) found in the files")
-    source = ManifestSource(docs)
+    source = ManifestSource(docs, token_file)
     tokens = TokenProvider()
     results = []
     for config in configs:
@@ -140,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     chk = sub.add_parser("check", help="test SmtpOAuthConfig manifests against the real endpoints")
     chk.add_argument("-f", "--filename", action="append", required=True, help="manifest file (- for stdin)")
     chk.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    chk.add_argument(
+        "--token-file",
+        help="a ServiceAccount token for workload identity (kubectl create token NAME --audience AUDIENCE)",
+    )
     run = sub.add_parser(
         "run", help="run the operator (kopf) against the current kubeconfig or in-cluster config"
     )
@@ -162,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "check":
         try:
-            results = asyncio.run(check(load(args.filename)))
+            results = asyncio.run(check(load(args.filename), args.token_file))
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -103,7 +103,51 @@ class Kube:
                     continue  # binary keys cannot be a client secret or a PEM bundle
         else:
             data.update(obj.data or {})
-        return SourceObject(data=data, metadata=metadata)
+        return SourceObject(
+            data=data, metadata=metadata, type=getattr(obj, "type", None) if kind == "Secret" else None
+        )
+
+    async def request_token(
+        self, namespace: str, service_account: str, audience: str, *, seconds: int = 3600
+    ) -> str:
+        """A TokenRequest for the ServiceAccount: bound to ``audience``, valid ``seconds`` (the API
+        server may shorten it, never lengthen it beyond its own maximum)."""
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": [audience], "expirationSeconds": seconds},
+        }
+        what = f"create serviceaccounts/token for {namespace}/{service_account}"
+        try:
+            result = await self._call(
+                what, self.core.create_namespaced_service_account_token, service_account, namespace, body
+            )
+        except CheckFailed as exc:
+            if exc.reason is not Reason.ACCESS_DENIED:
+                raise
+            raise CheckFailed(
+                Reason.TOKEN_REQUEST_DENIED,
+                f"the operator's ServiceAccount may not {what} (HTTP 403 Forbidden)",
+            ) from None
+        if result is None:
+            raise CheckFailed(
+                Reason.SERVICE_ACCOUNT_NOT_FOUND,
+                f"ServiceAccount {namespace}/{service_account} does not exist",
+            )
+        token: str = result.status.token
+        return token
+
+    def assertion_source(self, namespace: str, service_account: str, audience: str) -> Callable[[], str]:
+        """``request_token`` as a blocking function for MSAL's worker thread, run on this loop."""
+        loop = asyncio.get_running_loop()
+
+        def fetch() -> str:
+            future = asyncio.run_coroutine_threadsafe(
+                self.request_token(namespace, service_account, audience), loop
+            )
+            return future.result(timeout=60)
+
+        return fetch
 
     async def patch_status(
         self, namespace: str, name: str, status: Mapping[str, Any]

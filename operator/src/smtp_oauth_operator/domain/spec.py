@@ -22,10 +22,13 @@ __all__ = [
     "PLURAL",
     "RECHECK_ANNOTATION",
     "VERSION",
+    "ClientCertificate",
     "Cloud",
+    "CredentialKind",
     "KeyRef",
     "SmtpOAuthSpec",
     "SpecError",
+    "WorkloadIdentity",
     "parse_duration",
     "parse_spec",
     "parse_time",
@@ -45,6 +48,8 @@ class Cloud:
     authority_host: str
     scope: str
     smtp_host: str
+    # The audience Entra ID expects in a federated (workload identity) assertion in this cloud.
+    federation_audience: str = "api://AzureADTokenExchange"
 
 
 # Sovereign-cloud endpoints are community-sourced (protocol-facts.md §7): every one can be overridden.
@@ -58,11 +63,13 @@ CLOUDS: dict[str, Cloud] = {
         "https://login.microsoftonline.us",
         "https://outlook.office365.us/.default",
         "smtp.office365.us",
+        "api://AzureADTokenExchangeUSGov",
     ),
     "AzureChina": Cloud(
         "https://login.partner.microsoftonline.cn",
         "https://partner.outlook.cn/.default",
         "smtp.partner.outlook.cn",
+        "api://AzureADTokenExchangeChina",
     ),
 }
 
@@ -88,6 +95,33 @@ class KeyRef:
         return f"{self.kind} {self.name!r} key {self.key!r}"
 
 
+CredentialKind = Literal["ClientSecret", "ClientCertificate", "WorkloadIdentity"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCertificate:
+    """A kubernetes.io/tls Secret (tls.crt, tls.key) whose certificate is registered on the app."""
+
+    secret_name: str
+    send_certificate_chain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadIdentity:
+    """Federation: a ServiceAccount token of the resource's namespace (or the operator's own) is the
+    client assertion. ``service_account`` is None exactly when ``use_operator_identity``."""
+
+    service_account: str | None
+    audience: str
+    use_operator_identity: bool = False
+
+    def subject(self, namespace: str) -> str | None:
+        """The federated credential's subject Entra ID must hold for this ServiceAccount."""
+        if self.service_account is None:
+            return None
+        return f"system:serviceaccount:{namespace}:{self.service_account}"
+
+
 @dataclass(frozen=True, slots=True)
 class SmtpOAuthSpec:
     username: str
@@ -103,7 +137,7 @@ class SmtpOAuthSpec:
     scope: str
     identity_timeout: float
     identity_ca: KeyRef | None
-    secret_ref: KeyRef
+    secret_ref: KeyRef | None
     expires_at: datetime | None
     expires_at_key: str | None
     proxy_url: str | None
@@ -113,6 +147,34 @@ class SmtpOAuthSpec:
     warn_before_days: tuple[int, ...] = DEFAULT_WARN_BEFORE_DAYS
     notify_to: tuple[str, ...] = ()
     secret_policy: Literal["Warn", "Require", "Ignore"] = "Warn"
+    client_certificate: ClientCertificate | None = None
+    workload_identity: WorkloadIdentity | None = None
+
+    @property
+    def credential_kind(self) -> CredentialKind:
+        if self.client_certificate is not None:
+            return "ClientCertificate"
+        if self.workload_identity is not None:
+            return "WorkloadIdentity"
+        return "ClientSecret"
+
+    @property
+    def credential_secret(self) -> str | None:
+        """The name of the Secret holding the credential (client secret or private key), if any."""
+        if self.client_certificate is not None:
+            return self.client_certificate.secret_name
+        return self.secret_ref.name if self.secret_ref is not None else None
+
+    def referenced_objects(self) -> set[tuple[Literal["Secret", "ConfigMap"], str]]:
+        """(kind, name) of every object in the resource's namespace whose change calls for a new test."""
+        refs: set[tuple[Literal["Secret", "ConfigMap"], str]] = set()
+        secret = self.credential_secret
+        if secret is not None:
+            refs.add(("Secret", secret))
+        for ref in (self.identity_ca, self.smtp_ca):
+            if ref is not None:
+                refs.add((ref.kind, ref.name))
+        return refs
 
     @property
     def authority(self) -> str:
@@ -129,6 +191,7 @@ _DURATION = re.compile(r"^(?:([0-9]{1,6})h)?(?:([0-9]{1,7})m)?(?:([0-9]{1,8})s)?
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z]{2,63}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
+_DNS1123 = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 def recheck_token(annotations: Mapping[str, Any] | None) -> str | None:
@@ -255,21 +318,7 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
             "identity.scope", "must end in /.default, e.g. https://outlook.office365.com/.default"
         )
 
-    secret = ident.sub("clientSecret")
-    secret_ref_r = secret.sub("secretKeyRef")
-    secret_ref = KeyRef("Secret", secret_ref_r.text("name"), secret_ref_r.text("key"))
-    expires_at: datetime | None = None
-    if secret.has("expiresAt"):
-        raw = secret.data["expiresAt"]
-        try:
-            expires_at = raw if isinstance(raw, datetime) else parse_time(str(raw))
-        except ValueError as exc:
-            raise SpecError("identity.clientSecret.expiresAt", str(exc)) from None
-        if expires_at.tzinfo is None:
-            expires_at = expires_at.replace(tzinfo=UTC)
-    expires_at_key = secret.opt_text("expiresAtKey")
-    if expires_at is not None and expires_at_key is not None:
-        raise SpecError("identity.clientSecret", "set expiresAt or expiresAtKey, not both")
+    secret_ref, expires_at, expires_at_key, certificate, workload = _parse_credential(ident, cloud)
 
     proxy_url = r.sub("proxy").opt_text("url")
     if proxy_url is not None and not re.fullmatch(r"https?://[^\s/]+/?", proxy_url):
@@ -331,4 +380,65 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
         warn_before_days=tuple(sorted(set(warn_raw), reverse=True)),
         notify_to=tuple(notify_raw),
         secret_policy=policy,  # type: ignore[arg-type]  # enum() checked it
+        client_certificate=certificate,
+        workload_identity=workload,
     )
+
+
+_CredentialParts = tuple[
+    KeyRef | None, datetime | None, str | None, ClientCertificate | None, WorkloadIdentity | None
+]
+
+
+def _parse_credential(ident: _Reader, cloud: Cloud) -> _CredentialParts:
+    """Exactly one of clientSecret, clientCertificate and workloadIdentity (the CRD's CEL rule)."""
+    kinds = [k for k in ("clientSecret", "clientCertificate", "workloadIdentity") if ident.has(k)]
+    if len(kinds) != 1:
+        raise SpecError("identity", "set exactly one of clientSecret, clientCertificate or workloadIdentity")
+    if kinds[0] == "clientCertificate":
+        cert = ident.sub("clientCertificate")
+        name = cert.sub("secretRef").text("name")
+        if not _DNS1123.match(name):
+            raise SpecError("identity.clientCertificate.secretRef.name", "must be the name of a Secret")
+        chain = cert.data.get("sendCertificateChain", False)
+        if not isinstance(chain, bool):
+            raise SpecError("identity.clientCertificate.sendCertificateChain", "must be true or false")
+        return None, None, None, ClientCertificate(name, chain), None
+    if kinds[0] == "workloadIdentity":
+        wi = ident.sub("workloadIdentity")
+        own = wi.data.get("useOperatorIdentity", False)
+        if not isinstance(own, bool):
+            raise SpecError("identity.workloadIdentity.useOperatorIdentity", "must be true or false")
+        account = wi.opt_text("serviceAccountName")
+        if (account is None) == (not own):
+            raise SpecError(
+                "identity.workloadIdentity",
+                "set serviceAccountName or useOperatorIdentity: true, not both and not neither",
+            )
+        if account is not None and not _DNS1123.match(account):
+            raise SpecError(
+                "identity.workloadIdentity.serviceAccountName", "must be the name of a ServiceAccount"
+            )
+        audience = wi.text("audience", cloud.federation_audience)
+        if len(audience) > 512 or any(c.isspace() for c in audience):
+            raise SpecError(
+                "identity.workloadIdentity.audience", "must be one word of at most 512 characters"
+            )
+        return None, None, None, None, WorkloadIdentity(account, audience, own)
+
+    secret = ident.sub("clientSecret")
+    secret_ref_r = secret.sub("secretKeyRef")
+    secret_ref = KeyRef("Secret", secret_ref_r.text("name"), secret_ref_r.text("key"))
+    expires_at: datetime | None = None
+    if secret.has("expiresAt"):
+        raw = secret.data["expiresAt"]
+        try:
+            expires_at = raw if isinstance(raw, datetime) else parse_time(str(raw))
+        except ValueError as exc:
+            raise SpecError("identity.clientSecret.expiresAt", str(exc)) from None
+        if expires_at.tzinfo is None:
+            expires_at = expires_at.replace(tzinfo=UTC)
+    expires_at_key = secret.opt_text("expiresAtKey")
+    if expires_at is not None and expires_at_key is not None:
+        raise SpecError("identity.clientSecret", "set expiresAt or expiresAtKey, not both")
+    return secret_ref, expires_at, expires_at_key, None, None

@@ -14,7 +14,7 @@ from typing import Any
 
 from smtp_oauth_operator.clients.identity import TokenProvider
 from smtp_oauth_operator.domain import expiry as expiry_maths
-from smtp_oauth_operator.domain.protection import assess
+from smtp_oauth_operator.domain.protection import Protection, assess
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
 from smtp_oauth_operator.domain.spec import (
     SmtpOAuthSpec,
@@ -80,6 +80,27 @@ def _due(
     return now >= due, due
 
 
+def _certificate_expired(
+    inputs: Inputs, namespace: str, spec: SmtpOAuthSpec, now: datetime
+) -> CheckFailed | None:
+    cert = inputs.certificate
+    if cert is None or spec.client_certificate is None:
+        return None
+    where = f"Secret {namespace}/{spec.client_certificate.secret_name}"
+    if cert.not_after <= now:
+        return CheckFailed(
+            Reason.CERTIFICATE_EXPIRED,
+            f"the certificate in {where} (thumbprint {cert.thumbprint_sha256}) expired on "
+            f"{cert.not_after:%Y-%m-%d %H:%M} UTC",
+        )
+    if cert.not_before > now:
+        return CheckFailed(
+            Reason.CERTIFICATE_INVALID,
+            f"the certificate in {where} is not valid before {cert.not_before:%Y-%m-%d %H:%M} UTC",
+        )
+    return None
+
+
 async def evaluate(
     body: Mapping[str, Any],
     source: ObjectSource,
@@ -128,7 +149,7 @@ async def evaluate(
         )
         return Pass(decide(status, observation), None, None, record, None)
 
-    secret_name = f"{namespace}/{spec.secret_ref.name}"
+    secret_name = f"{namespace}/{spec.credential_secret or '-'}"
     inputs: Inputs | None = None
     record = None
     try:
@@ -146,7 +167,12 @@ async def evaluate(
     if inputs is not None:
         due, due_at = _due(body, status, inputs, spec, now)
         if due or force:
-            record = await run(spec, inputs, tokens, where=f"{namespace}/{name}", now=now)
+            expired = _certificate_expired(inputs, namespace, spec, now)
+            if expired is not None:
+                # Before any network call: Entra ID would only say the signature failed.
+                record = ConnectionTestResult(expired, now, 0.0, fingerprint=inputs.fingerprint)
+            else:
+                record = await run(spec, inputs, tokens, where=f"{namespace}/{name}", now=now)
 
     if record is not None:
         failures = failures + 1 if record.failure else 0
@@ -160,6 +186,12 @@ async def evaluate(
     expires_at = inputs.expires_at if inputs else spec.expires_at
     expiry = expiry_maths.evaluate(expires_at, now, spec.warn_before_days)
     protection = assess(secret_name, inputs.secret_metadata, spec.secret_policy) if inputs else None
+    if spec.workload_identity is not None:
+        protection = Protection(
+            "True",
+            Reason.PROTECTED,
+            "No Secret to protect: workload identity federation stores no credential.",
+        )
     observation = Observation(
         generation=generation,
         now=now,
@@ -172,6 +204,8 @@ async def evaluate(
         handled_recheck=recheck,
         next_test_time=due_at,
         consecutive_failures=failures,
+        credential=spec.credential_kind,
+        certificate=inputs.certificate.status() if inputs and inputs.certificate else None,
     )
     decision = decide(status, observation)
     next_due = min((t for t in (due_at, expiry.next_change) if t is not None), default=None)

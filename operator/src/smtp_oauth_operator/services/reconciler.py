@@ -71,11 +71,7 @@ def _refs(namespace: str, spec: Any) -> set[RefKey]:
         parsed = parse_spec(spec)
     except SpecError:
         return set()
-    refs: set[RefKey] = {("Secret", namespace, parsed.secret_ref.name)}
-    for ref in (parsed.identity_ca, parsed.smtp_ca):
-        if ref is not None:
-            refs.add((ref.kind, namespace, ref.name))
-    return refs
+    return {(kind, namespace, name) for kind, name in parsed.referenced_objects()}
 
 
 def _pack(body: Mapping[str, Any]) -> bytes:
