@@ -33,8 +33,8 @@ class CertificateCredential:
     """A leaf certificate with its private key; ``private_key_pem`` never appears in ``repr``."""
 
     private_key_pem: str = field(repr=False)
-    leaf_pem: str
-    chain_pem: str  # the leaf followed by any intermediates, as given
+    leaf_pem: str = field(repr=False)
+    chain_pem: str = field(repr=False)  # the leaf followed by any intermediates, as given
     thumbprint_sha256: str  # lower-case hex
     thumbprint_sha1: str
     subject: str
