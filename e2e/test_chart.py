@@ -80,6 +80,9 @@ NAMESPACED_RULES = {
     ("", "configmaps", "watch"),
     ("", "events", "create"),
 }
+# Granted for workload identity federation (rbac.serviceAccountTokens, on by default); used only by
+# resources with spec.identity.workloadIdentity.serviceAccountName.
+TOKEN_REQUEST_RULE = ("", "serviceaccounts/token", "create")
 CLUSTER_ONLY_RULES = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
@@ -516,7 +519,7 @@ def test_defaults_render_a_safe_standalone_operator_accepted_by_the_api_server(p
 
     roles = {r["metadata"]["name"]: r for r in _by_kind(docs, "ClusterRole")}
     operator_role = roles["smtp-smtp-oauth-operator"]
-    assert _rules(operator_role) == NAMESPACED_RULES | CLUSTER_ONLY_RULES
+    assert _rules(operator_role) == NAMESPACED_RULES | CLUSTER_ONLY_RULES | {TOKEN_REQUEST_RULE}
     assert not [r for r in operator_role["rules"] if r.get("resourceNames")]
     view = roles["smtp-smtp-oauth-operator-view"]
     assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
@@ -586,6 +589,7 @@ def test_everything_on_renders_objects_accepted_by_the_api_server(plane: Plane) 
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
         assert _rules(role) == NAMESPACED_RULES | {
+            TOKEN_REQUEST_RULE,
             ("kopf.dev", "kopfpeerings", "list"),
             ("kopf.dev", "kopfpeerings", "watch"),
         }
@@ -598,6 +602,10 @@ def test_everything_on_renders_objects_accepted_by_the_api_server(plane: Plane) 
         }
     peerings = _by_kind(docs, "KopfPeering")
     assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
+
+    # Workload identity federation's TokenRequest can be turned off.
+    without = plane.template("smtp", "chart-all", "--set", "rbac.serviceAccountTokens=false")
+    assert [r for r in _by_kind(without, "ClusterRole") if TOKEN_REQUEST_RULE in _rules(r)] == []
 
     (rule,) = _by_kind(docs, "PrometheusRule")
     alerts = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
@@ -728,7 +736,9 @@ def test_cluster_wide_rbac_is_sufficient_and_is_exactly_what_the_operator_uses(
     role = plane.get_json("clusterrole", "rbac-smtp-oauth-operator")
     granted = _rules(role)
     assert used <= granted
-    assert granted - used == set(), f"granted but never used: {granted - used}"
+    # TokenRequest is granted for workload identity federation, which this sample does not use
+    # (e2e/test_credentials.py exercises it and its denial).
+    assert granted - used - {TOKEN_REQUEST_RULE} == set(), f"granted but never used: {granted - used}"
     assert "Forbidden" not in operator.log
     assert CLIENT_SECRET not in operator.log
 

@@ -84,4 +84,11 @@ app.kubernetes.io/part-of: smtp-oauth-operator
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if .Values.rbac.serviceAccountTokens }}
+# Workload identity federation: short-lived tokens of the ServiceAccounts named in
+# spec.identity.workloadIdentity (TokenRequest, ≤ 1 h, audience api://AzureADTokenExchange).
+- apiGroups: [""]
+  resources: ["serviceaccounts/token"]
+  verbs: ["create"]
+{{- end }}
 {{- end }}

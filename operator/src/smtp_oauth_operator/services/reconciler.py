@@ -74,6 +74,18 @@ def _refs(namespace: str, spec: Any) -> set[RefKey]:
     return {(kind, namespace, name) for kind, name in parsed.referenced_objects()}
 
 
+def _renewal_steps(kind: str) -> str:
+    if kind == "ClientCertificate":
+        return (
+            "Steps: issue a new certificate (cert-manager renews it by itself), upload it in Entra ID > App "
+            "registrations > Certificates & secrets, and update the TLS Secret.\n"
+        )
+    return (
+        "Steps: in Entra ID > App registrations > Certificates & secrets, create a new client secret; "
+        "update the Secret (or SealedSecret) and spec.identity.clientSecret.expiresAt.\n"
+    )
+
+
 def _pack(body: Mapping[str, Any]) -> bytes:
     """The body as kept between passes: compact JSON, without metadata.managedFields (which no pass
     reads). Parsed, a SmtpOAuthConfig is 26 KiB of dicts (11 KiB without managedFields); packed it
@@ -319,9 +331,7 @@ class Reconciler:
         where = f"{meta.get('namespace')}/{meta.get('name')}"
         text = (
             f"{text}\n\nResource: SmtpOAuthConfig {where}\nApplication (client) ID: {result.spec.client_id}\n"
-            f"Sender: {result.spec.username}\n\n"
-            "Steps: in Entra ID > App registrations > Certificates & secrets, create a new client secret; "
-            "update the Secret (or SealedSecret) and spec.identity.clientSecret.expiresAt.\n"
+            f"Sender: {result.spec.username}\n\n" + _renewal_steps(result.spec.credential_kind)
         )
         try:
             await send_mail(result.spec, result.inputs, self.tokens, result.spec.notify_to, subject, text)
