@@ -315,3 +315,45 @@ def test_leak_check_detects_a_piece() -> None:
     with pytest.raises(AssertionError):
         assert_no_leak(f"error near ...{body[100:124]}... in tls.key", [key])
     assert_no_leak("tls.key is not a readable PEM private key", [key])
+
+
+# ---------------------------------------------------------------------------------------------------- the operator's own identity
+
+
+OWN_SPEC = {"identity.clientSecret": None, "identity.workloadIdentity": {"useOperatorIdentity": True}}
+
+
+def test_operator_identity_from_azure_workload_identity_variables(
+    peers: Peers,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    issuer: OidcIssuer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the Azure Workload Identity webhook injects: the token file (re-read per request) and the IDs."""
+    subject = "system:serviceaccount:smtp-oauth:smtp-oauth-operator"
+    federate(peers, issuer, subject=subject)
+    token = issuer.mint(subject)
+    monkeypatch.setenv("AZURE_FEDERATED_TOKEN_FILE", token_file(tmp_path, token))
+    monkeypatch.setenv("AZURE_CLIENT_ID", CLIENT)
+    monkeypatch.setenv("AZURE_TENANT_ID", TENANT)
+    monkeypatch.setenv("AZURE_AUTHORITY_HOST", peers.idp.authority_host + "/")
+    path = peers.manifests(peers.spec(**OWN_SPEC), secret=False)
+    code, result = run_check(peers, capsys, caplog, path, secrets=[token])
+    assert code == 0, result["message"]
+
+    # Another app injected than the spec names: said plainly, nothing is sent.
+    monkeypatch.setenv("AZURE_CLIENT_ID", "44444444-4444-4444-8444-444444444444")
+    before = peers.idp.token_requests
+    code, result = run_check(peers, capsys, caplog, path, secrets=[token])
+    assert code == 1
+    assert result["reason"] == "InvalidSpec"
+    assert "AZURE_CLIENT_ID" in result["message"]
+    assert peers.idp.token_requests == before
+
+    monkeypatch.delenv("AZURE_CLIENT_ID")
+    monkeypatch.delenv("AZURE_FEDERATED_TOKEN_FILE")
+    code, result = run_check(peers, capsys, caplog, path, secrets=[token])
+    assert result["reason"] == "ServiceAccountNotFound"
+    assert "AZURE_FEDERATED_TOKEN_FILE" in result["message"]

@@ -145,7 +145,11 @@ class Kube:
             future = asyncio.run_coroutine_threadsafe(
                 self.request_token(namespace, service_account, audience), loop
             )
-            return future.result(timeout=60)
+            try:
+                return future.result(timeout=60)
+            except TimeoutError:
+                future.cancel()
+                raise KubeUnavailable(f"TokenRequest for {namespace}/{service_account}: no answer") from None
 
         return fetch
 
