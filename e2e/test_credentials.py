@@ -249,3 +249,27 @@ def test_token_request_forbidden_and_missing_account_through_the_operators_clien
     assert asyncio.run(attempt(kube_from(path), "mail-sender")) is Reason.TOKEN_REQUEST_DENIED
     assert asyncio.run(attempt(kube_from(None), "missing")) is Reason.SERVICE_ACCOUNT_NOT_FOUND
     assert asyncio.run(attempt(kube_from(None), "mail-sender")) == "token"
+
+
+def test_deleted_service_account_is_reported_at_the_next_token_request(
+    ns: Namespace, dev: Dev, operator: OperatorProcess, issuer: str
+) -> None:
+    app = dev.new_app()
+    # Tokens that MSAL already considers due for renewal (it renews 5 minutes before expiry), so that
+    # every test makes a network token request, as happens once an hour with real lifetimes.
+    dev.idp.set_token_lifetime(app.tenant_id, app.client_id, 300)
+    ns.kubectl("create", "serviceaccount", "mail-sender")
+    _federate(dev, app, issuer, f"system:serviceaccount:{ns.name}:mail-sender")
+    ns.smtp_oauth_config("mail", _wi_spec(dev, app))
+    ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested", timeout=45)
+
+    ns.kubectl("delete", "serviceaccount", "mail-sender")
+    ns.kubectl("annotate", "smtpoauthconfig", "mail", "smtpoauth.dev/recheck=deleted", "--overwrite")
+    obj = ns.wait_for_condition("mail", "Ready", "False", "ServiceAccountNotFound", timeout=45)
+    ready = ns.condition(obj, "Ready")
+    assert ready is not None
+    assert f"{ns.name}/mail-sender" in ready["message"]
+    assert "ServiceAccountNotFound" in ns.event_reasons("mail")[
+        -1
+    ] or "ConnectionTestFailed" in ns.event_reasons("mail")
+    _no_leak(_everything(ns, operator, "mail"), dev.idp.received_assertions)
