@@ -22,6 +22,7 @@ from pathlib import Path
 from e2e.controlplane import ControlPlane, ensure_tools
 
 from smtp_oauth_operator.testing.devservers import DevServers
+from smtp_oauth_operator.testing.idp import FederatedCredential
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "demo-client-secret-value"  # a made-up value for the local identity provider only
@@ -63,6 +64,31 @@ spec:
   alarms:
     notify:
       to: [platform-team@contoso.com]
+"""
+
+
+def secretless(dev: DevServers, name: str) -> str:
+    """The same configuration with workload identity federation: no Secret anywhere."""
+    e = dev.endpoints
+    return f"""
+apiVersion: smtpoauth.dev/v1alpha1
+kind: SmtpOAuthConfig
+metadata:
+  name: {name}
+  namespace: mail
+spec:
+  username: {e.mailbox}
+  smtp:
+    host: {e.smtp_host}
+    port: {e.smtp_port}
+    caBundle: {{configMapKeyRef: {{name: local-ca, key: ca.pem}}}}
+  identity:
+    tenantId: {e.tenant_id}
+    clientId: {e.client_id}
+    authorityHost: {e.authority_host}
+    caBundle: {{configMapKeyRef: {{name: local-ca, key: ca.pem}}}}
+    workloadIdentity:
+      serviceAccountName: mail-sender
 """
 
 
@@ -159,6 +185,29 @@ def main() -> int:
                 wait_ready(cp, "alerts-broken", "True")
                 print(f"  alerts-broken Ready after {time.monotonic() - started:.1f} s")
                 show(cp, "-n", "mail", "get", "smtpoauthconfigs")
+
+                banner("Secretless: workload identity federation (a ServiceAccount, no Secret)")
+                issuer = f"https://127.0.0.1:{cp.apiserver_port}/"
+                # Entra ID fetches the cluster issuer's discovery document and keys, as clusters allow.
+                cp.kubectl(
+                    "create", "clusterrolebinding", "demo-issuer-discovery",
+                    "--clusterrole=system:service-account-issuer-discovery", "--group=system:unauthenticated",
+                )  # fmt: skip
+                assert cp.ca_file is not None
+                dev.idp.trust_issuers(cp.ca_file.read_text())
+                subject = "system:serviceaccount:mail:mail-sender"
+                dev.idp.add_federated_credential(
+                    dev.endpoints.tenant_id, dev.endpoints.client_id, FederatedCredential(issuer, subject)
+                )
+                print(
+                    f"  federated credential: issuer {issuer}, subject {subject}, audience api://AzureADTokenExchange"
+                )
+                cp.kubectl("-n", "mail", "create", "serviceaccount", "mail-sender")
+                cp.kubectl("apply", "-f", "-", input=secretless(dev, "alerts-secretless"))
+                wait_ready(cp, "alerts-secretless", "True")
+                show(cp, "-n", "mail", "get", "smtpoauth", "alerts-secretless", "-o",
+                     "jsonpath={.spec.identity.workloadIdentity}{'\\n'}"
+                     "{range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{'\\n'}{end}")  # fmt: skip
             finally:
                 operator.terminate()
                 try:
@@ -166,9 +215,13 @@ def main() -> int:
                 except subprocess.TimeoutExpired:
                     operator.kill()
                     operator.wait()
-            leaked = SECRET in log_path.read_text()
+            log_text = log_path.read_text()
+            leaked = SECRET in log_text or any(t in log_text for t in dev.idp.received_assertions)
             banner("Tear down")
-            print(f"  operator log: {log_path.stat().st_size} bytes, client secret present: {leaked}")
+            print(
+                f"  operator log: {log_path.stat().st_size} bytes, client secret or ServiceAccount token "
+                f"present: {leaked}"
+            )
             if leaked:
                 return 1
     print("  control plane, identity provider and SMTP server stopped; nothing left running.")
