@@ -42,6 +42,10 @@ _STEP_OK = {
     ),
 }
 MAX_HISTORY = 20
+_RESOLVED_MESSAGE = {
+    "ClientCertificate": "The TLS Secret's certificate and key, and the trust bundles, were read and checked.",
+    "WorkloadIdentity": "No Secret to read (workload identity federation); the trust bundles were read.",
+}
 
 
 def timestamp(moment: datetime) -> str:
@@ -223,6 +227,9 @@ def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
                 status[key] = value
     else:
         steps = _previous_steps(prev_conditions)
+    resolved = steps[ConditionType.SECRET_RESOLVED]
+    if resolved[1] == Reason.RESOLVED and obs.credential in _RESOLVED_MESSAGE:
+        steps[ConditionType.SECRET_RESOLVED] = (resolved[0], resolved[1], _RESOLVED_MESSAGE[obs.credential])
     test_failure = next(((s, r, m) for (s, r, m) in steps.values() if s == "False"), None)
     untested = all(s == "Unknown" for (s, _, _) in steps.values())
 
