@@ -197,3 +197,10 @@ def test_the_same_entra_error_means_different_things_per_credential() -> None:
         Reason.FEDERATED_CREDENTIAL_MISMATCH
     )
     assert _for_credential(Reason.INVALID_CLIENT_SECRET, 7000215, secret) is Reason.INVALID_CLIENT_SECRET
+
+
+def test_unreadable_certificate_has_unknown_expiry_without_secret_advice() -> None:
+    obs = replace(observe(T0, expires=None), credential="ClientCertificate", certificate=None)
+    expiring = cond(decide(None, obs), ConditionType.CREDENTIAL_EXPIRING)
+    assert expiring["reason"] == Reason.EXPIRY_UNKNOWN
+    assert "clientSecret" not in expiring["message"]

@@ -291,7 +291,11 @@ def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
         )
     else:
         exp_status, exp_reason = "Unknown", Reason.EXPIRY_UNKNOWN
-        exp_message = "No expiry date: set spec.identity.clientSecret.expiresAt or expiresAtKey."
+        exp_message = (
+            "Unknown until the certificate can be read from its TLS Secret."
+            if cert
+            else "No expiry date: set spec.identity.clientSecret.expiresAt or expiresAtKey."
+        )
 
     # 3. Alarms: once per threshold for a given expiry date, remembered in status across restarts.
     last = prev.get("lastAlarm") if "lastAlarm" in status else None
