@@ -8,6 +8,12 @@ MSAL's HTTP is synchronous (requests), so every call runs in a worker thread. We
 ``requests.Session`` with ``trust_env=False``: otherwise the ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``
 variables silently override the CA bundle we pass, and ``HTTPS_PROXY`` overrides ``spec.proxy``.
 A response hook records each HTTP status and ``Retry-After``, which MSAL's result does not carry.
+
+Three credentials reach MSAL here: a client secret; a certificate (MSAL's ``private_key`` +
+``public_certificate`` form, which signs PS256 with the SHA-256 thumbprint); and a federated
+assertion, a callable MSAL calls only for a network token request, so each request presents a fresh
+ServiceAccount token. An application is keyed by the credential's identity (a digest, a thumbprint, a
+ServiceAccount name), never by the secret itself.
 """
 
 from __future__ import annotations
@@ -55,7 +61,6 @@ _CODES: dict[int, Reason] = {
     7002137: Reason.FEDERATED_CREDENTIAL_MISMATCH,
     7002138: Reason.FEDERATED_CREDENTIAL_MISMATCH,
     50166: Reason.ISSUER_UNREACHABLE,
-    5002738: Reason.ISSUER_UNREACHABLE,
     70011: Reason.INVALID_SCOPE,
     1002012: Reason.INVALID_SCOPE,
     500011: Reason.INVALID_SCOPE,
