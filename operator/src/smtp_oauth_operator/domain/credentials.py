@@ -11,7 +11,10 @@ Nothing here ever puts key material into a message, a ``repr`` or an exception.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -22,6 +25,29 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 __all__ = ["CertificateCredential", "CertificateError", "parse_certificate"]
 
 _CERT_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
+# Loading an RSA key with its consistency checks costs ~45 ms of CPU (2048 bits), on the event loop,
+# on every pass. A key is checked in full once; afterwards only the SHA-256 digests of keys that
+# passed are remembered (never the keys), and a known key loads without the checks in microseconds.
+_CHECKED_KEYS: OrderedDict[bytes, None] = OrderedDict()
+_CHECKED_MAX = 4096
+_CHECKED_LOCK = threading.Lock()
+
+
+def _load_key(pem: bytes) -> object:
+    digest = hashlib.sha256(pem).digest()
+    with _CHECKED_LOCK:
+        known = digest in _CHECKED_KEYS
+        if known:
+            _CHECKED_KEYS.move_to_end(digest)
+    key = serialization.load_pem_private_key(pem, password=None, unsafe_skip_rsa_key_validation=known)
+    if not known:
+        with _CHECKED_LOCK:
+            _CHECKED_KEYS[digest] = None
+            while len(_CHECKED_KEYS) > _CHECKED_MAX:
+                _CHECKED_KEYS.popitem(last=False)
+    return key
 
 
 class CertificateError(ValueError):
@@ -66,7 +92,7 @@ def parse_certificate(cert_pem: str, key_pem: str) -> CertificateCredential:
     if "ENCRYPTED" in key_pem:
         raise CertificateError("tls.key is encrypted; a kubernetes.io/tls Secret holds an unencrypted key")
     try:
-        key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+        key = _load_key(key_pem.encode())
     except (ValueError, TypeError):
         # cryptography's messages never quote the key, but they say nothing useful either.
         raise CertificateError("tls.key is not a readable PEM private key (PKCS#1 or PKCS#8)") from None
