@@ -536,3 +536,11 @@ def test_audience_is_derived_per_cloud_and_documented() -> None:
 def test_secret_spec_references_secret_and_bundles() -> None:
     spec = with_value("identity.caBundle", {"configMapKeyRef": {"name": "trust", "key": "ca.pem"}})
     assert parse_spec(spec).referenced_objects() == {("Secret", "exo-app"), ("ConfigMap", "trust")}
+
+
+@pytest.mark.parametrize("name", ["valid-certificate.yaml", "valid-workload-identity.yaml"])
+def test_credential_samples_parse(name: str) -> None:
+    (config,) = [d for d in _manifests(name) if d["kind"] == KIND]
+    spec = parse_spec(config["spec"])
+    assert spec.credential_kind in {"ClientCertificate", "WorkloadIdentity"}
+    assert parse_spec(apply_defaults(config["spec"], SPEC_SCHEMA)) == spec
