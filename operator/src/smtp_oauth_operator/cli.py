@@ -142,6 +142,7 @@ async def check(docs: Sequence[Mapping[str, Any]], token_file: str | None = None
                 "tokenEndpoint": result.decision.status.get("tokenEndpoint"),
                 "smtpEndpoint": result.decision.status.get("smtpEndpoint"),
                 "durationSeconds": result.decision.status.get("lastTestDurationSeconds"),
+                "clientCertificate": result.decision.status.get("clientCertificate"),
             }
         )
     return results
@@ -158,6 +159,9 @@ def _print_text(results: Sequence[Mapping[str, Any]]) -> None:
             print(f"  token endpoint: {r['tokenEndpoint']}")
         if r.get("smtpEndpoint"):
             print(f"  SMTP endpoint:  {r['smtpEndpoint']}")
+        if r.get("clientCertificate"):
+            cert = r["clientCertificate"]
+            print(f"  certificate:    SHA-256 {cert['thumbprintSHA256']}, expires {cert['notAfter']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
