@@ -17,8 +17,10 @@ from typing import Any, Literal
 __all__ = [
     "CLOUDS",
     "DEFAULT_WARN_BEFORE_DAYS",
+    "EARLIEST",
     "GROUP",
     "KIND",
+    "LATEST",
     "PLURAL",
     "RECHECK_ANNOTATION",
     "VERSION",
@@ -30,6 +32,7 @@ __all__ = [
     "parse_spec",
     "parse_time",
     "recheck_token",
+    "utc_time",
 ]
 
 GROUP = "smtpoauth.dev"
@@ -71,7 +74,7 @@ class SpecError(ValueError):
     """The spec cannot be used; ``field`` is the JSON path of the offending field."""
 
     def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"spec.{field}: {problem}")
+        super().__init__(f"spec.{field}: {problem}" if field else f"spec: {problem}")
         self.field = field
         self.problem = problem
 
@@ -133,7 +136,9 @@ _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
 
 def recheck_token(annotations: Mapping[str, Any] | None) -> str | None:
     """The ``smtpoauth.dev/recheck`` annotation as stored in status.handledRecheck (≤ 1024 chars)."""
-    value = (annotations or {}).get(RECHECK_ANNOTATION)
+    if not isinstance(annotations, Mapping):
+        return None
+    value = annotations.get(RECHECK_ANNOTATION)
     if value is None:
         return None
     value = str(value)
@@ -151,18 +156,44 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(hours=hours, minutes=minutes, seconds=seconds)
 
 
+# Times are kept in UTC and written back as RFC 3339 with a four-digit year (status, Events, metrics):
+# 9999-12-31T23:59:59-05:00 is valid RFC 3339, but lies in the year 10000 once in UTC.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime.max.replace(tzinfo=UTC)
+
+
+def utc_time(moment: datetime, what: str) -> datetime:
+    """``moment`` in UTC (naive means UTC), or ValueError when it is outside 1970..9999 in UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    problem = f"{what} is outside 1970-01-01 to 9999-12-31T23:59:59Z"
+    try:
+        moment = moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(problem) from None
+    if not EARLIEST <= moment <= LATEST:
+        raise ValueError(problem)
+    return moment
+
+
 def parse_time(text: str) -> datetime:
-    """Parse an RFC 3339 timestamp (``2027-05-31T00:00:00Z``) or a bare date into an aware UTC time."""
+    """Parse an RFC 3339 timestamp (``2027-05-31T00:00:00Z``) or a bare date into an aware UTC time.
+
+    Raises ValueError (never OverflowError) for anything that is not a time between 1970 and 9999 UTC.
+    """
     value = text.strip()
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
         value += "T00:00:00+00:00"
     value = value.replace("z", "Z")
     if value.endswith("Z"):
         value = value[:-1] + "+00:00"
-    parsed = datetime.fromisoformat(value)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{text[:64]!r} is not an RFC 3339 time like 2027-05-31T00:00:00Z") from None
     if parsed.tzinfo is None:
-        raise ValueError(f"{text!r} has no time zone (use Z for UTC)")
-    return parsed.astimezone(UTC)
+        raise ValueError(f"{text[:64]!r} has no time zone (use Z for UTC)")
+    return utc_time(parsed, repr(text[:64]))
 
 
 class _Reader:
@@ -262,11 +293,10 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
     if secret.has("expiresAt"):
         raw = secret.data["expiresAt"]
         try:
-            expires_at = raw if isinstance(raw, datetime) else parse_time(str(raw))
+            # YAML (the check CLI) turns an unquoted timestamp into a datetime; JSON never does.
+            expires_at = utc_time(raw, repr(str(raw))) if isinstance(raw, datetime) else parse_time(str(raw))
         except ValueError as exc:
             raise SpecError("identity.clientSecret.expiresAt", str(exc)) from None
-        if expires_at.tzinfo is None:
-            expires_at = expires_at.replace(tzinfo=UTC)
     expires_at_key = secret.opt_text("expiresAtKey")
     if expires_at is not None and expires_at_key is not None:
         raise SpecError("identity.clientSecret", "set expiresAt or expiresAtKey, not both")
