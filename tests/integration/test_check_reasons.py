@@ -184,7 +184,11 @@ CASES: list[tuple[str, Setup, str, str]] = [
     ),
     (
         "no-starttls",
-        _smtp_server(lambda p: FakeExchange(p.idp, offer_starttls=False)),
+        # A downgrade: no STARTTLS, but AUTH XOAUTH2 offered in plaintext (what a STARTTLS-stripping
+        # man in the middle shows). test_no_starttls_sends_no_auth proves nothing was sent.
+        _smtp_server(
+            lambda p: _granted(FakeExchange(p.idp, offer_starttls=False, allow_plaintext_auth=True))
+        ),
         "StartTLSNotOffered",
         "SmtpAuthenticated",
     ),
@@ -345,3 +349,22 @@ def test_check_uses_https_proxy_from_the_environment(
         code, result = run_check(peers, capsys, caplog, peers.manifests())
         assert code == 0, result["message"]
         assert len(proxy.targets) == before
+
+
+def test_no_starttls_sends_no_auth(
+    peers: Peers, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The security property of StartTLSNotOffered: the token never crosses the wire in plaintext.
+
+    The server offers AUTH XOAUTH2 without TLS and would accept the token (the mailbox is granted):
+    only the client's refusal keeps the token off the wire, and the server must have seen no AUTH.
+    """
+    with _granted(FakeExchange(peers.idp, offer_starttls=False, allow_plaintext_auth=True)) as server:
+        code, result = run_check(
+            peers, capsys, caplog, peers.manifests(peers.spec(**{"smtp.port": server.port}))
+        )
+        assert server.connections == 1  # it was the server we talked to
+        assert server.auth_attempts == []
+    assert code == 1
+    assert result["reason"] == "StartTLSNotOffered"
+    assert "never authenticates in plaintext" in result["message"]
