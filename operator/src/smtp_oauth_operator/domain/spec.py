@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 __all__ = [
     "CLOUDS",
@@ -31,6 +32,7 @@ __all__ = [
     "parse_duration",
     "parse_spec",
     "parse_time",
+    "proxy_url_problem",
     "recheck_token",
     "utc_time",
 ]
@@ -109,7 +111,7 @@ class SmtpOAuthSpec:
     secret_ref: KeyRef
     expires_at: datetime | None
     expires_at_key: str | None
-    proxy_url: str | None
+    proxy_url: str | None = field(repr=False)  # may carry credentials (user:password@)
     test_message_to: str | None
     test_message_from: str | None
     recheck_interval: timedelta
@@ -259,6 +261,36 @@ def _https_url(value: str, path: str) -> str:
     return value.rstrip("/")
 
 
+def proxy_url_problem(value: str) -> str | None:
+    """What is wrong with a proxy URL (spec.proxy.url or the operator's HTTPS_PROXY), if anything.
+
+    Only plain ``http://`` proxies: the CONNECT tunnel carries TLS end to end to Entra ID and Exchange
+    either way, and an ``https://`` URL (TLS to the proxy itself) used to get a plaintext CONNECT on
+    port 80 for SMTP. It is refused with the fix rather than guessed at.
+    """
+    if value.lower().startswith("https://"):
+        return (
+            "https:// (TLS to the proxy) is not supported: use http://host:port; the tunnel through the "
+            "proxy is TLS to Entra ID and Exchange anyway"
+        )
+    if not re.fullmatch(r"http://[^\s/]+/?", value):
+        return "must be http://host:port"
+    try:
+        port = urlsplit(value).port
+    except ValueError:
+        return "has an invalid port"
+    if port == 0:
+        return "has an invalid port"
+    return None
+
+
+def _proxy_url(value: str, path: str) -> str:
+    problem = proxy_url_problem(value)
+    if problem is not None:
+        raise SpecError(path, problem)
+    return value.rstrip("/")
+
+
 def parse_spec(spec: Any) -> SmtpOAuthSpec:
     """Turn ``body['spec']`` into an :class:`SmtpOAuthSpec`, applying the CRD's defaults."""
     r = _Reader(spec, "")
@@ -302,8 +334,8 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
         raise SpecError("identity.clientSecret", "set expiresAt or expiresAtKey, not both")
 
     proxy_url = r.sub("proxy").opt_text("url")
-    if proxy_url is not None and not re.fullmatch(r"https?://[^\s/]+/?", proxy_url):
-        raise SpecError("proxy.url", "must be http://host:port or https://host:port")
+    if proxy_url is not None:
+        proxy_url = _proxy_url(proxy_url, "proxy.url")
 
     test_to = r.sub("testMessage").opt_text("to")
     if test_to is not None and not _EMAIL.match(test_to):
@@ -354,7 +386,7 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
         secret_ref=secret_ref,
         expires_at=expires_at,
         expires_at_key=expires_at_key,
-        proxy_url=proxy_url.rstrip("/") if proxy_url else None,
+        proxy_url=proxy_url,
         test_message_to=test_to,
         test_message_from=test_from,
         recheck_interval=recheck,
