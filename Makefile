@@ -33,6 +33,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 	bash hack/lint-dockerfile.sh
 	bash hack/sync-chart-crds.sh --check
+	bash hack/lint-workflows.sh
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests --cov --cov-branch --cov-report=term --cov-fail-under=75

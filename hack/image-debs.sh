@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Install the Debian packages that building and running the image need, when missing:
-#   mmdebstrap (the base), binutils (strip), umoci (unpack) and runc (run; e2e/test_image.py).
+#   mmdebstrap (the base), binutils (strip), umoci (unpack) and runc (run; e2e/test_image.py),
+#   and shellcheck, which actionlint runs on the workflows' scripts (make lint).
 # Called by `make bootstrap`. Without root or apt-get it only says what is missing (the image test then
-# skips with that reason); it never fails the bootstrap.
+# skips with that reason, and actionlint runs without shellcheck).
 set -euo pipefail
 
-declare -A PACKAGE_OF=([mmdebstrap]=mmdebstrap [strip]=binutils [umoci]=umoci [runc]=runc)
+declare -A PACKAGE_OF=([mmdebstrap]=mmdebstrap [strip]=binutils [umoci]=umoci [runc]=runc [shellcheck]=shellcheck)
 missing=()
 for tool in "${!PACKAGE_OF[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${PACKAGE_OF[$tool]}")
