@@ -19,7 +19,7 @@
 # Environment: IMAGE_REPOSITORY (default the chart's image.repository), IMAGE_OUT_DIR (default build/),
 #   SOURCE_DATE_EPOCH, DEBIAN_MIRROR, DEBIAN_SECURITY_MIRROR, SMTPOAUTH_TOOLS_DIR.
 # The last line on stdout is the archive's path. Needs root (mmdebstrap's root mode and chroot); installs
-# mmdebstrap with apt-get when it is missing. Layers are cached under ~/.cache/smtp-oauth-operator/image/ by a
+# mmdebstrap and binutils with apt-get when they are missing. Layers are cached under ~/.cache/smtp-oauth-operator/image/ by a
 # hash of their inputs, so a warm run only assembles the archive (seconds).
 set -euo pipefail
 umask 022
@@ -70,7 +70,7 @@ while [ $# -gt 0 ]; do
     --no-sbom) sbom=0 ;;
     --force) force=1 ;;
     --lock) lock=1 ;;
-    -h | --help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
   shift
@@ -109,14 +109,17 @@ print("\n".join(f"{n}=={v}" for n, v in pins if n != sys.argv[2]))
 fi
 
 [ "$(id -u)" = 0 ] || die "needs root (mmdebstrap's root mode and chroot); run it with sudo"
-for tool in python3 git sha256sum dpkg-deb chroot flock strip; do
+debs=()
+command -v mmdebstrap >/dev/null || debs+=(mmdebstrap)
+command -v strip >/dev/null || debs+=(binutils)
+if [ ${#debs[@]} -gt 0 ]; then
+  log "installing ${debs[*]} with apt-get"
+  apt-get install -y -q --no-install-recommends "${debs[@]}" >&2 \
+    || { apt-get update -q >&2 && apt-get install -y -q --no-install-recommends "${debs[@]}" >&2; }
+fi
+for tool in python3 git sha256sum dpkg-deb chroot flock strip mmdebstrap; do
   command -v "$tool" >/dev/null || die "$tool not found"
 done
-if ! command -v mmdebstrap >/dev/null; then
-  log "installing mmdebstrap with apt-get"
-  apt-get install -y --no-install-recommends mmdebstrap >&2 \
-    || { apt-get update >&2 && apt-get install -y --no-install-recommends mmdebstrap >&2; }
-fi
 
 VERSION="$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' "$ROOT/pyproject.toml")"
 INPUTS=(pyproject.toml README.md operator/src hack/image.sh hack/image-oci.py hack/image-requirements.txt)
