@@ -251,7 +251,8 @@ build_app() {
   in_root "$rootfs" /usr/bin/python3.11 -m venv --without-pip /opt/venv
   in_root "$rootfs" /opt/venv/bin/python "/tmp/install/pip-$pip_version-py3-none-any.whl/pip" install \
     --quiet --disable-pip-version-check --no-index --find-links /tmp/install --no-compile --no-cache-dir \
-    --constraint /tmp/install/requirements.txt "$NAME==$VERSION" >&2
+    --constraint /tmp/install/requirements.txt "$NAME==$VERSION" >&2 \
+    || die "pip could not install from the pins; if pyproject.toml's dependencies changed: hack/image.sh --lock"
   rm -rf "$rootfs/tmp/install"
   # The kubernetes wheel carries a second, asyncio client (kubernetes/aio: 1,900 files, 68 MB, almost half of
   # the image) that neither the operator nor kopf uses; nothing outside it imports it (checked here).

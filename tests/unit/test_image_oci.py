@@ -140,3 +140,28 @@ def test_versions_agree_for_the_release_tag() -> None:
     assert chart["version"] == chart["appVersion"] == version.group(1), (
         "the release workflow refuses a tag unless pyproject.toml and Chart.yaml agree"
     )
+
+
+def test_every_runtime_dependency_is_pinned_for_the_image() -> None:
+    """hack/image.sh installs with --no-index from the pins: a new or re-ranged dependency needs a re-lock."""
+    from packaging.requirements import Requirement  # noqa: PLC0415 - pytest's own dependency
+    from packaging.utils import canonicalize_name  # noqa: PLC0415
+
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        import tomllib  # noqa: PLC0415
+
+        dependencies = tomllib.load(fh)["project"]["dependencies"]
+    pins = {}
+    for line in (ROOT / "hack" / "image-requirements.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    for dependency in dependencies:
+        requirement = Requirement(dependency)
+        pinned = pins.get(canonicalize_name(requirement.name))
+        assert pinned is not None, (
+            f"{requirement.name} is not in hack/image-requirements.txt: run hack/image.sh --lock"
+        )
+        assert requirement.specifier.contains(pinned, prereleases=True), (
+            f"{requirement.name}=={pinned} does not satisfy {requirement}: run hack/image.sh --lock"
+        )
