@@ -559,3 +559,37 @@ def test_the_charts_extra_ca_bundle_init_container_runs_in_the_image(
     system = (bundle / "rootfs" / "etc/ssl/certs/ca-certificates.crt").read_text()
     assert bundle_text.startswith(system.rstrip("\n")), "the image's CA bundle is not at the start"
     assert bundle_text.endswith(corp_ca), "the extra CA is not appended"
+
+
+def test_the_image_trusts_the_public_cas_out_of_the_box(image: Image, bundle: Path, tmp_path: Path) -> None:
+    """Without a caBundle the operator verifies Entra ID and Exchange Online against the system store:
+    OpenSSL's default paths in the image must lead to Debian's CA bundle (made without update-ca-certificates)."""
+    pod = {
+        "securityContext": {"runAsUser": 65532, "runAsGroup": 65532},
+        "containers": [],
+    }
+    container_spec = {
+        "command": [
+            "python3",
+            "-c",
+            "import ssl; ctx = ssl.create_default_context(); print(len(ctx.get_ca_certs()))",
+        ],
+        "securityContext": {
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    config = oci_config(
+        json.loads((bundle / "config.json").read_text()), pod, container_spec, rootfs=bundle / "rootfs"
+    )
+    container = Container(
+        write_bundle(tmp_path / "ssl-bundle", config), tmp_path / "runc", "img-ssl", tmp_path / "ssl.log"
+    )
+    container.start()
+    try:
+        code = container.wait(timeout=60)
+    finally:
+        container.remove()
+    assert code == 0, container.log
+    assert int(container.log.strip().splitlines()[-1]) > 100, container.log
