@@ -9,7 +9,7 @@
 # maintainer scripts), and the project installed from its wheel into /opt/venv with the versions pinned in
 # hack/image-requirements.txt; user 65532:65532; entrypoint `smtp-oauth-operator`, default command `run ...`.
 # Two layers: the Debian base, then /opt/venv. Deterministic: file times are SOURCE_DATE_EPOCH (default: the
-# time of the last commit that changed an input), owners root, entries sorted, byte code compiled with
+# time of the last commit that changed an input; for the base, one that changed the build scripts), owners root, entries sorted, byte code compiled with
 # --invalidation-mode unchecked-hash and PYTHONHASHSEED=0; two builds of the same inputs give the same digest.
 #
 # Usage: hack/image.sh [--no-sbom] [--force] [--lock]
@@ -123,9 +123,14 @@ done
 
 VERSION="$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' "$ROOT/pyproject.toml")"
 INPUTS=(pyproject.toml README.md operator/src hack/image.sh hack/image-oci.py hack/image-requirements.txt)
+# The base layer's time comes from the build scripts only, so that a change of the operator's code leaves the
+# base layer (and its digest, which registries and nodes then reuse) as it was.
 if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
   SOURCE_DATE_EPOCH="$(git -C "$ROOT" log -1 --format=%ct -- "${INPUTS[@]}" 2>/dev/null || true)"
-  [ -n "$SOURCE_DATE_EPOCH" ] || die "not a git checkout: set SOURCE_DATE_EPOCH"
+  BASE_EPOCH="$(git -C "$ROOT" log -1 --format=%ct -- hack/image.sh hack/image-oci.py 2>/dev/null || true)"
+  if [ -z "$SOURCE_DATE_EPOCH" ] || [ -z "$BASE_EPOCH" ]; then die "not a git checkout: set SOURCE_DATE_EPOCH"; fi
+else
+  BASE_EPOCH="$SOURCE_DATE_EPOCH"
 fi
 export SOURCE_DATE_EPOCH
 REVISION="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
@@ -144,7 +149,7 @@ fi
 hash_of() { sha256sum | cut -c1-20; }
 # The inputs of each layer (file contents, not times), so that an unrelated commit reuses the cache.
 BASE_KEY="$({
-  printf '%s\n' "$SUITE" "$ARCH" "$MIRROR" "$SECURITY_MIRROR" "$SOURCE_DATE_EPOCH" "${KEEP[*]}" "${DROP[*]}" "${STRIP[*]}" "${UNUSED_EXTENSIONS[*]}"
+  printf '%s\n' "$SUITE" "$ARCH" "$MIRROR" "$SECURITY_MIRROR" "$BASE_EPOCH" "${KEEP[*]}" "${DROP[*]}" "${STRIP[*]}" "${UNUSED_EXTENSIONS[*]}"
   sed -n '/^build_base()/,/^}/p' "$0"
   cat "$OCI"
 } | hash_of)"
@@ -218,8 +223,8 @@ build_base() {
     chmod 1777 tmp
   )
   log "base: compiling the standard library"
-  compile_python "$rootfs" /usr/lib/python3.11
-  python3 "$OCI" layer "$rootfs" "$tmp/layer.tar.gz" --epoch "$SOURCE_DATE_EPOCH" \
+  SOURCE_DATE_EPOCH="$BASE_EPOCH" compile_python "$rootfs" /usr/lib/python3.11
+  python3 "$OCI" layer "$rootfs" "$tmp/layer.tar.gz" --epoch "$BASE_EPOCH" \
     --created-by "Debian $SUITE packages: $(cut -d' ' -f1 "$tmp/packages.txt" | tr '\n' ' ')" >"$tmp/layer.json"
   # The layer's JSON names its file: point it at the final place.
   sed -i "s|$tmp/|$BASE/|" "$tmp/layer.json"
@@ -342,7 +347,7 @@ unpacked=$(($(size_of "$BASE/layer.json" tar_size) + $(size_of "$APP/layer.json"
   echo "image:    $REPOSITORY:$VERSION"
   echo "archive:  $ARCHIVE"
   echo "digest:   $DIGEST"
-  echo "revision: $REVISION  SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH"
+  echo "revision: $REVISION  SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH (base layer: $BASE_EPOCH)"
   echo "layers:   base $(size_of "$BASE/layer.json" size) B, app $(size_of "$APP/layer.json" size) B (gzip)"
   echo "uncompressed: $unpacked B ($((unpacked / 1048576)) MiB); Debian packages: $(wc -l <"$BASE/packages.txt"); Python packages: $(wc -l <"$APP/python-packages.txt")"
   echo
