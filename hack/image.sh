@@ -155,7 +155,7 @@ BASE_KEY="$({
 } | hash_of)"
 APP_KEY="$({
   echo "$BASE_KEY"
-  sed -n '/^build_app()/,/^}/p' "$0"
+  sed -n -e '/^pinned_wheels()/,/^}/p' -e '/^build_app()/,/^}/p' "$0"
   cd "$ROOT" && find pyproject.toml README.md hack/image-requirements.txt operator/src -type f \
     ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
 } | hash_of)"
@@ -232,22 +232,32 @@ build_base() {
   mv "$tmp" "$BASE"
 }
 
+pinned_wheels() { # wheelhouse: print the wheel of every pin for this platform; fail if one is missing
+  local name version found status=0
+  while IFS='=' read -r name _ version; do
+    found="$(find "$1" -maxdepth 1 -iname "$(echo "$name" | tr -- '-.' '__')-$version-*.whl" \
+      \( -name '*-none-any.whl' -o -name "*$PYARCH*" \) | LC_ALL=C sort | head -n1)"
+    if [ -n "$found" ]; then echo "$found"; else status=1; fi
+  done < <(grep -E '^[a-z0-9]' "$LOCK_FILE")
+  return "$status"
+}
+
 build_app() {
   local tmp wheelhouse rootfs pip_version
   tmp="$(mktemp -d "$CACHE/.app.XXXXXX")"
   rootfs="$tmp/rootfs"
   wheelhouse="$TOOLS_CACHE/image/wheels"
   mkdir -p "$wheelhouse" "$tmp/install"
-  log "app: downloading the pinned wheels (hack/image-requirements.txt) for cp311 $PYARCH"
-  python3 -m pip download --quiet --disable-pip-version-check --no-deps --dest "$wheelhouse" \
-    "${PIP_TARGET[@]}" -r "$LOCK_FILE" >&2
+  if ! pinned_wheels "$wheelhouse" >/dev/null; then
+    log "app: downloading the pinned wheels (hack/image-requirements.txt) for cp311 $PYARCH"
+    python3 -m pip download --quiet --disable-pip-version-check --no-deps --dest "$wheelhouse" \
+      "${PIP_TARGET[@]}" -r "$LOCK_FILE" >&2
+  fi
   log "app: building the project's wheel"
   PIP_CONSTRAINT="$LOCK_FILE" python3 -m pip wheel --quiet --disable-pip-version-check --no-deps \
     --wheel-dir "$tmp/install" "$ROOT" >&2
   # Only the pinned files go in (the wheelhouse may hold other versions from earlier locks).
-  grep -E '^[a-z0-9]' "$LOCK_FILE" | while IFS='=' read -r name _ version; do
-    find "$wheelhouse" -maxdepth 1 -iname "$(echo "$name" | tr -- '-.' '__')-$version-*.whl" -exec cp {} "$tmp/install/" \;
-  done
+  pinned_wheels "$wheelhouse" | xargs -d '\n' cp -t "$tmp/install/"
   pip_version="$(grep -E '^pip==' "$LOCK_FILE" | cut -d= -f3)"
   cp -a "$BASE/rootfs" "$rootfs"
   cp "$LOCK_FILE" "$tmp/install/requirements.txt"
