@@ -23,10 +23,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from smtp_oauth_operator.clients.identity import TokenProvider, TokenRequest
-from smtp_oauth_operator.clients.smtp import Message, SmtpTarget, authenticate
+from smtp_oauth_operator.clients.smtp import Message, SmtpResult, SmtpTarget, authenticate
 from smtp_oauth_operator.domain.objects import ObjectSource, SourceObject
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
-from smtp_oauth_operator.domain.spec import KeyRef, SmtpOAuthSpec, parse_time
+from smtp_oauth_operator.domain.redact import strip_userinfo
+from smtp_oauth_operator.domain.spec import KeyRef, SmtpOAuthSpec, parse_time, proxy_url_problem
 from smtp_oauth_operator.domain.status import ConnectionTestResult
 
 __all__ = ["Inputs", "ObjectSource", "SourceObject", "resolve", "run", "send_mail", "token_request"]
@@ -176,7 +177,16 @@ def proxy_for(spec: SmtpOAuthSpec, url_host: str) -> str | None:
     proxy = env.get("https")
     if not proxy or urllib.request.proxy_bypass_environment(url_host, env):  # type: ignore[attr-defined]  # stdlib, untyped
         return None
-    return proxy if "://" in proxy else f"http://{proxy}"
+    proxy = proxy if "://" in proxy else f"http://{proxy}"
+    problem = proxy_url_problem(proxy)
+    if problem is not None:
+        raise CheckFailed(
+            Reason.INVALID_SPEC,
+            f"the operator's HTTPS_PROXY ({strip_userinfo(proxy)}) {problem}; fix the chart's "
+            "proxy.httpsProxy, or set spec.proxy.url",
+            condition=ConditionType.SECRET_RESOLVED,
+        )
+    return proxy
 
 
 def token_request(spec: SmtpOAuthSpec, inputs: Inputs) -> TokenRequest:
@@ -203,6 +213,40 @@ def smtp_target(spec: SmtpOAuthSpec, inputs: Inputs) -> SmtpTarget:
     )
 
 
+# Each step's timeouts are per socket operation; a peer that trickles bytes, or a thread stuck in a
+# black-holed connection, could hold a worker for ever. A deadline per step bounds the whole step:
+# a token request may take two round trips (metadata, then token), an SMTP session several.
+DEADLINE_FACTOR = 2.0
+
+
+async def _token(tokens: TokenProvider, request: TokenRequest, deadline: float | None = None) -> str:
+    limit = deadline if deadline is not None else request.timeout * DEADLINE_FACTOR
+    try:
+        async with asyncio.timeout(limit):
+            token = await tokens.acquire(request)
+    except TimeoutError:
+        raise CheckFailed(
+            Reason.IDENTITY_PROVIDER_UNREACHABLE,
+            f"the identity provider {urlsplit(request.authority_host).netloc} did not issue a token "
+            f"within {limit:g} s",
+        ) from None
+    return token.value
+
+
+async def _session(
+    target: SmtpTarget, username: str, token: str, message: Message | None, deadline: float | None = None
+) -> SmtpResult:
+    limit = deadline if deadline is not None else target.timeout * DEADLINE_FACTOR
+    try:
+        async with asyncio.timeout(limit):
+            return await authenticate(target, username, token, message=message)
+    except TimeoutError:
+        raise CheckFailed(
+            Reason.SMTP_CONNECTION_TIMEOUT,
+            f"the SMTP session with {target.describe()} did not end within {limit:g} s",
+        ) from None
+
+
 async def run(
     spec: SmtpOAuthSpec,
     inputs: Inputs,
@@ -210,12 +254,20 @@ async def run(
     *,
     where: str,
     now: datetime | None = None,
+    deadline: float | None = None,
 ) -> ConnectionTestResult:
-    """Acquire a token and authenticate to SMTP; the result, never an exception, for CheckFailed."""
+    """Acquire a token and authenticate to SMTP; the result, never an exception, for CheckFailed.
+
+    ``deadline`` bounds each step (default: twice its timeout)."""
     started = now or datetime.now(UTC)
     clock = time.monotonic()
-    request = token_request(spec, inputs)
-    target = smtp_target(spec, inputs)
+    try:
+        request = token_request(spec, inputs)
+        target = smtp_target(spec, inputs)
+    except CheckFailed as exc:  # an unusable HTTPS_PROXY
+        return ConnectionTestResult(
+            failure=exc, tested_at=started, duration=0.0, fingerprint=inputs.fingerprint, scope=spec.scope
+        )
     message = None
     if spec.test_message_to:
         message = Message(
@@ -227,9 +279,9 @@ async def run(
     failure: CheckFailed | None = None
     sent = False
     try:
-        token = await tokens.acquire(request)
+        token = await _token(tokens, request, deadline)
         try:
-            result = await authenticate(target, spec.username, token.value, message=message)
+            result = await _session(target, spec.username, token, message, deadline)
             sent = result.sent is not None
         except CheckFailed as exc:
             if exc.reason is Reason.AUTHENTICATION_REJECTED:
@@ -253,10 +305,10 @@ async def send_mail(
     spec: SmtpOAuthSpec, inputs: Inputs, tokens: TokenProvider, to: tuple[str, ...], subject: str, body: str
 ) -> None:
     """Send one message through this very configuration (alarm e-mails); raises CheckFailed."""
-    token = await tokens.acquire(token_request(spec, inputs))
-    await authenticate(
+    token = await _token(tokens, token_request(spec, inputs))
+    await _session(
         smtp_target(spec, inputs),
         spec.username,
-        token.value,
-        message=Message(sender=spec.username, to=to, subject=subject, body=body),
+        token,
+        Message(sender=spec.username, to=to, subject=subject, body=body),
     )
