@@ -276,9 +276,10 @@ build_app() {
     die "the files above import kubernetes.aio: it can no longer be left out of the image"
   fi
   rm -rf "$site/kubernetes/aio"
-  # Debug sections of the wheels' extension modules (10 MB; Debian strips its own): only .debug_*, the
-  # symbols the dynamic linker needs stay.
-  find "$site" -name '*.so' -type f -print0 | LC_ALL=C sort -z | xargs -0 strip --strip-debug
+  # The wheels' extension modules carry debug sections and full symbol tables (13 MB); strip them as Debian's
+  # dh_strip strips its shared libraries: the dynamic symbols the loader needs stay.
+  find "$site" -name '*.so' -type f -print0 | LC_ALL=C sort -z \
+    | xargs -0 strip --remove-section=.comment --remove-section=.note --strip-unneeded
   compile_python "$rootfs" /opt/venv/lib
   in_root "$rootfs" /opt/venv/bin/python -m pip --version >/dev/null 2>&1 && die "pip ended up in the image"
   in_root "$rootfs" /opt/venv/bin/python -c 'import importlib.metadata as m
