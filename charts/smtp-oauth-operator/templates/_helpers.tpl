@@ -64,7 +64,7 @@ app.kubernetes.io/part-of: smtp-oauth-operator
 
 {{/* The operator's rules on namespaced resources: exactly the API calls it makes (docs/security.md). */}}
 {{- define "smtp-oauth-operator.namespacedRules" -}}
-# Watch SmtpOAuthConfigs (kopf lists, then watches; it never gets one by name).
+# Watch SmtpOAuthConfigs (the operator lists, then watches; it never gets one by name).
 - apiGroups: ["smtpoauth.dev"]
   resources: ["smtpoauthconfigs"]
   verbs: ["list", "watch"]
@@ -72,7 +72,8 @@ app.kubernetes.io/part-of: smtp-oauth-operator
 - apiGroups: ["smtpoauth.dev"]
   resources: ["smtpoauthconfigs/status"]
   verbs: ["patch"]
-# Read the referenced client secret (get) and notice rotations (list, watch). Never create, update or delete.
+# Read the referenced client secret (get) and notice rotations (list, watch: metadata only, never data).
+# Never create, update or delete.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch"]
