@@ -9,9 +9,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: bootstrap tools lint unit e2e test demo bench clean
+.PHONY: bootstrap tools debs lint unit e2e test demo bench clean
 
-bootstrap: $(STAMP) tools
+bootstrap: $(STAMP) tools debs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml
 tools:
 	bash hack/k8s-tools.sh >/dev/null
 	bash hack/sealed-secrets.sh >/dev/null
+
+# Real SMTP clients for the relay tests (swaks, msmtp) from Debian's packages.
+debs:
+	bash hack/debian-packages.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -23,7 +23,7 @@ import aiosmtplib
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
 from smtp_oauth_operator.domain.redact import quote_reply
 
-__all__ = ["Message", "SmtpResult", "SmtpTarget", "authenticate", "tls_context"]
+__all__ = ["Message", "SmtpResult", "SmtpTarget", "SubmitFailed", "authenticate", "submit", "tls_context"]
 
 _M = ConditionType.SMTP_AUTHENTICATED
 
@@ -288,3 +288,102 @@ async def _send(smtp: aiosmtplib.SMTP, message: Message, where: str, secrets: tu
             Reason.SEND_REJECTED, f"{where} refused the test message: {_reply(exc, secrets)}"
         ) from None
     return quote_reply(answer, secrets)
+
+
+# -- the relay's upstream submission -------------------------------------------------------------------
+
+
+class SubmitFailed(Exception):
+    """A relayed message was not accepted upstream. ``code``/``text`` are what to tell the relay's
+    client (token-free); ``auth_rejected`` marks a ``535`` to AUTH XOAUTH2 (a fresh token may help)."""
+
+    def __init__(self, code: int, text: str, *, auth_rejected: bool = False) -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+        self.auth_rejected = auth_rejected
+
+
+async def submit(
+    target: SmtpTarget,
+    username: str,
+    token: str,
+    *,
+    sender: str,
+    recipients: tuple[str, ...],
+    data: bytes,
+) -> tuple[int, str]:
+    """Hand one message to the server with XOAUTH2 after TLS; returns its (code, text) for DATA.
+
+    All or nothing: a refused recipient refuses the whole message (``SubmitFailed`` with that reply,
+    temporary if any refusal is), so the relay never reports a message as accepted when part of it was
+    dropped. Connection and TLS failures are temporary (``451 4.4.x``): the client keeps the message.
+    """
+    auth_blob = base64.b64encode(f"user={username}\x01auth=Bearer {token}\x01\x01".encode()).decode()
+    secrets = (token, auth_blob)
+    where = target.describe()
+    context = tls_context(target.ca_pem)
+    sock = None
+    if target.proxy_url:
+        try:
+            sock = await asyncio.to_thread(_tunnel, target)
+        except CheckFailed as exc:
+            raise SubmitFailed(451, f"4.4.1 {exc.message}") from None
+    smtp = aiosmtplib.SMTP(
+        hostname=target.host,
+        port=None if sock else target.port,
+        use_tls=target.implicit_tls,
+        start_tls=False,
+        tls_context=context,
+        timeout=target.timeout,
+        sock=sock,
+    )
+    try:
+        try:
+            await smtp.connect()
+            await smtp.ehlo()
+            if not target.implicit_tls:
+                if not smtp.supports_extension("starttls"):
+                    raise SubmitFailed(451, f"4.7.0 {where} does not offer STARTTLS")
+                await smtp.starttls(tls_context=context)
+                await smtp.ehlo()
+        except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            detail = quote_reply(str(exc), secrets)[:200] or type(exc).__name__
+            raise SubmitFailed(451, f"4.4.1 Cannot reach Exchange Online at {where} ({detail})") from None
+        try:
+            await smtp.auth_xoauth2(username, token)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise SubmitFailed(
+                451,
+                f"4.7.0 Exchange Online refused the relay's token: {_reply(exc, secrets)}",
+                auth_rejected=exc.code == 535,
+            ) from None
+        mail = await smtp.mail(sender)
+        if mail.code != 250:  # pragma: no cover - aiosmtplib raises for non-250
+            raise SubmitFailed(mail.code, quote_reply(mail.message, secrets))
+        refused: list[tuple[int, str]] = []
+        for rcpt in recipients:
+            try:
+                await smtp.rcpt(rcpt)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                refused.append((exc.code, quote_reply(exc.message, secrets)))
+        if refused:
+            with contextlib.suppress(aiosmtplib.SMTPException):
+                await smtp.rset()
+            temporary = [r for r in refused if 400 <= r[0] < 500]
+            code, text = (temporary or refused)[0]
+            raise SubmitFailed(code, text)
+        answer = await smtp.data(data)
+        return answer.code, quote_reply(answer.message, secrets)
+    except aiosmtplib.SMTPResponseException as exc:
+        code = exc.code if 400 <= exc.code < 600 else 451
+        raise SubmitFailed(code, quote_reply(exc.message, secrets) or "4.3.0 no reply text") from None
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+        detail = quote_reply(str(exc), secrets)[:200] or type(exc).__name__
+        raise SubmitFailed(451, f"4.4.2 Exchange Online dropped the session at {where} ({detail})") from None
+    except ssl.SSLError as exc:
+        raise SubmitFailed(451, f"4.7.0 TLS with {where} failed ({exc.reason or 'handshake'})") from None
+    except aiosmtplib.SMTPException as exc:
+        raise SubmitFailed(451, f"4.3.0 {quote_reply(str(exc), secrets)[:200]}") from None
+    finally:
+        await _hang_up(smtp)
