@@ -156,6 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument(
         "--peering", default=None, help="kopf peering name for a hot standby (default: standalone)"
     )
+    run.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority: the highest live replica works, the others wait (default: random)",
+    )
     run.add_argument("--log-format", choices=("plain", "full", "json"), default="full")
     run.add_argument("--log-level", choices=("warning", "info", "debug"), default="info")
     _add_relay_parser(sub)
@@ -187,6 +193,7 @@ def _run(args: argparse.Namespace) -> int:
 
     os.environ["SMTPOAUTH_METRICS_PORT"] = str(args.metrics_port)
     os.environ["SMTPOAUTH_WORKERS"] = str(args.workers)
+    os.environ["SMTPOAUTH_NAMESPACES"] = ",".join(args.namespace or ())
     kopf_args = ["run", "-m", "smtp_oauth_operator.main", f"--log-format={args.log_format}"]
     if args.namespace:
         for namespace in args.namespace:
@@ -194,6 +201,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         kopf_args.append("--all-namespaces")
     kopf_args += [f"--peering={args.peering}"] if args.peering else ["--standalone"]
+    if args.priority is not None:
+        kopf_args.append(f"--priority={args.priority}")
     if args.liveness:
         kopf_args.append(f"--liveness={args.liveness}")
     # kopf logs at INFO by default; its --verbose means DEBUG (every HTTP request urllib3 makes, every

@@ -227,7 +227,7 @@ async def run(
     failure: CheckFailed | None = None
     sent = False
     try:
-        token = await tokens.acquire(request)
+        token = await tokens.acquire(request, owner=where)
         try:
             result = await authenticate(target, spec.username, token.value, message=message)
             sent = result.sent is not None
