@@ -425,3 +425,72 @@ def test_msmtp_starttls_auth_plain(relay: RelayProcess, peers: Peers) -> None:
     (received,) = peers.smtp.wait_for_messages(1)
     assert received.message["Subject"] == "from msmtp"
     assert received.authenticated_as == MAILBOX
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Nothing acknowledged and then lost
+
+
+def test_sigkill_while_clients_send_loses_no_accepted_message(peers: Peers) -> None:
+    """Four clients send in a loop while the relay is SIGKILLed (Exchange answering slowly, so some
+    submissions are in flight); the client retries what it did not see accepted against a new relay.
+    Every message a client saw accepted is at the stand-in (at-least-once: a retried message whose
+    acceptance was lost with the relay may arrive twice)."""
+    import threading  # noqa: PLC0415
+
+    peers.smtp.data_delay = 0.2
+    relay_docs(peers, messagesPerMinute=10_000)
+    relay = {"proc": start_relay(peers)}
+    accepted: list[str] = []
+    failed_attempts = 0
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        nonlocal failed_attempts
+        i = 0
+        while not stop.is_set():
+            msg = message()
+            msg["Message-ID"] = f"<c{n}-{i}@relay.test>"
+            while True:  # retry this message until some relay accepts it (as a real client does)
+                try:
+                    with relay["proc"].client() as smtp:
+                        code, _ = send(smtp, msg)
+                    if code == 250:
+                        with lock:
+                            accepted.append(str(msg["Message-ID"]))
+                        break
+                except (OSError, smtplib.SMTPException):
+                    pass
+                with lock:
+                    failed_attempts += 1
+                if stop.is_set():
+                    return
+                time.sleep(0.2)
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(accepted) < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        killed = relay["proc"]
+        killed.proc.kill()  # SIGKILL: no drain, no goodbye
+        killed.proc.wait()
+        relay["proc"] = start_relay(peers)
+        deadline = time.monotonic() + 30
+        target = len(accepted) + 8
+        while len(accepted) < target and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        relay["proc"].stop()
+    arrived = {str(m.message["Message-ID"]) for m in peers.smtp.messages}
+    assert failed_attempts > 0  # the kill did hit clients
+    assert len(accepted) >= 16
+    missing = [mid for mid in accepted if mid not in arrived]
+    assert missing == []

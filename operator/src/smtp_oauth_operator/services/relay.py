@@ -664,7 +664,9 @@ async def serve(
             raise RelayInputError("no SmtpOAuthConfig in the files enables the relay (spec.relay.enabled)")
         feeder = asyncio.create_task(_refresh_loop(docs, source, tokens, routes, first_due))
     else:
-        raise RelayInputError("give the configurations with -f FILE (the in-cluster mode is not built yet)")
+        from smtp_oauth_operator.services import relay_feed  # noqa: PLC0415 - it imports this module
+
+        feeder = asyncio.create_task(relay_feed.connect(routes, options.namespaces).run())
     try:
         ports = [await relay.listen(options.listen, options.port)]
         if options.tls_port:
@@ -690,6 +692,7 @@ async def serve(
         )
         if feeder in done and feeder.exception() is not None:
             logger.error("relay: the configuration feed failed: %s", type(feeder.exception()).__name__)
+            raise RelayInputError("the configuration feed stopped") from None
     finally:
         logger.info("relay: stopping; finishing the messages being handed to Exchange")
         await relay.close()

@@ -227,6 +227,9 @@ class _ExchangeHandler:
     async def handle_DATA(self, server: _ExchangeSMTP, session: Session, envelope: Envelope) -> str:
         login: Any = session.auth_data
         assert isinstance(login, _Login)  # MAIL is refused before a successful AUTH
+        if self.owner.data_delay:
+            # A slow mailbox server: the window in which a relay killed mid-submission is tested.
+            await asyncio.sleep(self.owner.data_delay)
         fault = self.owner.take_data_fault()
         if fault is not None:
             return fault
@@ -422,6 +425,7 @@ class FakeExchange:
         self._messages: list[ReceivedMessage] = []
         self._attempts: list[AuthAttempt] = []
         self._data_faults: list[str] = []
+        self.data_delay = 0.0  # seconds before answering each end-of-DATA
         self._data_faults_answered = 0
         self._connections = 0
         self._open: set[_ExchangeSMTP] = set()
