@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 tools:
 	bash hack/k8s-tools.sh >/dev/null
 	bash hack/sealed-secrets.sh >/dev/null
+	bash hack/alertmanager.sh >/dev/null
 
 # Real SMTP clients for the relay tests (swaks, msmtp) from Debian's packages.
 debs:

@@ -203,6 +203,21 @@ def test_auth_login_and_one_token_for_many_messages(relay: RelayProcess, peers: 
     assert peers.idp.token_requests == before
 
 
+def test_auth_login_challenges_are_the_usual_ones(relay: RelayProcess) -> None:
+    """Go's net/smtp-based clients (Alertmanager's loginAuth) accept only "Username:" / "Password:"
+    as LOGIN challenges; aiosmtpd's default ("User Name\\0") made Alertmanager give up."""
+    with relay.client(login=False) as smtp:
+        assert smtp.docmd("AUTH", "LOGIN") == (334, base64.b64encode(b"Username:"))
+        assert smtp.docmd(base64.b64encode(RELAY_USER.encode()).decode()) == (
+            334,
+            base64.b64encode(b"Password:"),
+        )
+        assert smtp.docmd(base64.b64encode(RELAY_PASSWORD.encode()).decode()) == (
+            235,
+            b"2.7.0 Authentication successful",
+        )
+
+
 def test_a_rejected_cached_token_is_retried_once_with_a_fresh_one(relay: RelayProcess, peers: Peers) -> None:
     before = peers.idp.token_requests
     peers.idp.expire_tokens(CLIENT)  # the cached token is now refused with 535 5.7.3

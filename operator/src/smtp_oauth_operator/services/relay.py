@@ -451,6 +451,11 @@ def _not_ready(route: Route) -> str:
 class _RelaySMTP(SMTP):
     """aiosmtpd's session with our AUTH (slowed failures), reply texts and session bookkeeping."""
 
+    # The de-facto LOGIN challenges (draft-murchison-sasl-login); Go clients such as Alertmanager's
+    # refuse aiosmtpd's default "User Name\0" as an "unexpected server challenge".
+    AuthLoginUsernameChallenge = "Username:"
+    AuthLoginPasswordChallenge = "Password:"
+
     def __init__(self, handler: _RelayHandler, relay: Relay, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.relay = relay
