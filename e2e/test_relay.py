@@ -17,7 +17,6 @@ import signal
 import smtplib
 import ssl
 import subprocess
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
