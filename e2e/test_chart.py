@@ -800,7 +800,8 @@ def test_a_missing_permission_is_a_log_line_and_a_condition_not_a_crash_loop(
     assert operator.healthz() == 200
     assert re.search(r'configmaps is forbidden: User "system:serviceaccount:chart-deny:deny-smtp-oauth-operator" '
                      r'cannot list resource "configmaps"', operator.log)  # fmt: skip
-    assert "will retry" in operator.log
+    assert re.search(r"ConfigMap list/watch failed \(GET /api/v1/configmaps: HTTP 403 Forbidden: .*\); "
+                     r"listing again in \d+ s", operator.log)  # fmt: skip
     assert "escalating" not in operator.log
 
     # Granting the rule back heals it without a restart: the watch resumes, the resource gets Ready.

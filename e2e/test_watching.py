@@ -16,6 +16,7 @@ operators started here as processes:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -28,9 +29,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes
 import pytest
 from e2e.controlplane import REPO_ROOT, ControlPlane
 from e2e.fixtures import CRD_NAME, Dev, Namespace, OperatorProcess, wait_until
+
+from smtp_oauth_operator.clients.watching import SECRETS, ApiConnection, Informer
 
 PEERING_CRDS = REPO_ROOT / "charts" / "smtp-oauth-operator" / "crds" / "kopf-peerings.yaml"
 RECHECK = 60.0  # the CRD's minimum recheckInterval, 1m
@@ -178,7 +182,8 @@ def test_a_resource_deleted_while_the_watch_is_down_is_dropped_after_the_relist(
     app = dev.new_app()
     ns.secret(app.secret)
     for name in ("gone", "kept"):
-        ns.smtp_oauth_config(name, dev.spec(app, recheckInterval="1m"))
+        # No pass is due for an hour: only the re-list can drop the ghost (not a status patch's 404).
+        ns.smtp_oauth_config(name, dev.spec(app, recheckInterval="1h"))
     for name in ("gone", "kept"):
         ns.wait_for_condition(name, "Ready", "True", "ConnectionTested", timeout=60)
     wait_until(lambda: _ready_series(op, ns) == {"gone", "kept"}, timeout=30, what="both series")
@@ -195,7 +200,7 @@ def test_a_resource_deleted_while_the_watch_is_down_is_dropped_after_the_relist(
         plane.start_apiserver()
     assert ns.kubectl("get", "smtpoauthconfig", "gone", check=False).returncode != 0
 
-    wait_until(lambda: _ready_series(op, ns) == {"kept"}, timeout=90, what="the ghost's series gone")
+    wait_until(lambda: _ready_series(op, ns) == {"kept"}, timeout=60, what="the ghost's series gone")
     restarted = op.current_log().count("listing again")
     assert restarted, "the watch did not re-list"
     # The survivor is still served by a live watch.
@@ -241,6 +246,17 @@ class ByteCounter:
                 target.sendall(data)
         with contextlib.suppress(OSError):
             target.shutdown(socket.SHUT_WR)
+
+    def settle(self, quiet: float = 3.0, timeout: float = 120.0) -> int:
+        """The count once nothing has arrived for ``quiet`` seconds (lists done, watches idle)."""
+        deadline = time.monotonic() + timeout
+        last, since = self.received, time.monotonic()
+        while time.monotonic() - since < quiet:
+            assert time.monotonic() < deadline, "the API server kept sending"
+            time.sleep(0.25)
+            if self.received != last:
+                last, since = self.received, time.monotonic()
+        return last
 
     def close(self) -> None:
         self._server.close()
@@ -288,14 +304,11 @@ def test_unreferenced_secrets_are_never_downloaded(
     op = operators("bulk", "-A", kubeconfig=kubeconfig)
     try:
         ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested", timeout=60)
-        listed = [r for r in op.log_records() if str(r.get("message", "")).startswith("Secret: listed")]
-        assert listed, "no list of Secrets"
-        assert int(str(listed[0]["message"]).split()[2]) > BULK_SECRETS, listed
-        first = counter.received
+        first = counter.settle()
+        listed = _listed_secrets(op)
         op.restart()  # a restart's re-list
-        wait_until(lambda: _tested(op, ns, "mail") == 0 and "Secret: listed" in op.current_log(),
-                   timeout=60, what="the re-list")  # fmt: skip
-        second = counter.received - first
+        second = counter.settle() - first
+        relisted = _listed_secrets(op)
     finally:
         op.stop()
         counter.close()  # and again at teardown, should the operator's start have failed
@@ -303,3 +316,58 @@ def test_unreferenced_secrets_are_never_downloaded(
           f"{first / 2**20:.2f} MiB (start) and {second / 2**20:.2f} MiB (restart)")  # fmt: skip
     assert first < data / 20, "the operator downloaded the unreferenced Secrets' data"
     assert second < data / 20, "the restart's re-list downloaded the unreferenced Secrets' data"
+    assert listed > BULK_SECRETS, "the operator did not list (the metadata of) every Secret"
+    assert relisted > BULK_SECRETS
+
+
+def _listed_secrets(op: OperatorProcess) -> int:
+    listed = [r for r in op.log_records() if str(r.get("message", "")).startswith("Secret: listed")]
+    return int(str(listed[0]["message"]).split()[2]) if listed else 0
+
+
+# --------------------------------------------------------------------------------------------
+# the informer itself, in-process
+
+
+def test_the_informer_pages_keeps_only_names_and_versions_and_follows_changes(plane: ControlPlane) -> None:
+    namespace = f"e2e-informer-{uuid.uuid4().hex[:5]}"
+    plane.kubectl("create", "namespace", namespace)
+    items = [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"s-{i:02d}", "labels": {"big": "x" * 60},
+                                                            "annotations": {"note": "y" * 1000}},
+         "stringData": {"value": f"secret-{i}"}}
+        for i in range(23)
+    ]  # fmt: skip
+    plane.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                                         "items": items}))  # fmt: skip
+    assert plane.kubeconfig is not None
+    configuration = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(config_file=str(plane.kubeconfig), client_configuration=configuration)
+    resyncs: list[list[dict[str, Any]]] = []
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    async def scenario() -> None:
+        api = ApiConnection(configuration)
+        informer = Informer(api, SECRETS, [namespace], on_resync=resyncs.append,
+                            on_event=lambda t, o: events.append((t, o)), page_size=5)  # fmt: skip
+        task = asyncio.create_task(informer.run())
+        try:
+            async with asyncio.timeout(30):
+                while not resyncs:
+                    await asyncio.sleep(0.05)
+                await asyncio.to_thread(plane.kubectl, "delete", "secret", "s-03", "-n", namespace)
+                while not events:
+                    await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await api.close()
+
+    asyncio.run(scenario())
+    (listed,) = resyncs
+    assert sorted(o["metadata"]["name"] for o in listed) == [f"s-{i:02d}" for i in range(23)]  # 5 pages
+    for obj in listed + [o for _, o in events]:
+        assert set(obj) == {"metadata"}
+        assert set(obj["metadata"]) <= {"namespace", "name", "uid", "resourceVersion"}
+    assert [(t, o["metadata"]["name"]) for t, o in events] == [("DELETED", "s-03")]

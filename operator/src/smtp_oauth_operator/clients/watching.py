@@ -107,15 +107,17 @@ class ApiConnection:
         if self._session is not None:
             await self._session.close()
             self._session = None
+            # aiohttp returns before the TLS transports have closed (aiohttp#1925); let them.
+            await asyncio.sleep(0.25)
 
     async def _headers(self, accept: str) -> dict[str, str]:
         headers = {"Accept": accept, "User-Agent": "smtp-oauth-operator"}
-        # The hook re-reads a rotated in-cluster token (or runs an exec plugin): file and process I/O.
-        auth = await asyncio.to_thread(self.configuration.get_api_key_with_prefix, "authorization")
-        if auth:
-            headers["Authorization"] = auth
-        elif basic := self.configuration.get_basic_auth_token() if self.configuration.username else None:
-            headers["Authorization"] = basic
+        # What the kubernetes client itself sends (a bearer token); its refresh hook re-reads a rotated
+        # in-cluster token or runs a kubeconfig's exec plugin: file and process I/O, off the loop.
+        settings = await asyncio.to_thread(self.configuration.auth_settings)
+        for auth in dict[str, Any](settings).values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[str(auth["key"])] = str(auth["value"])
         return headers
 
     def _request_args(self) -> dict[str, Any]:
@@ -173,10 +175,13 @@ class ApiConnection:
 
 
 def _http_error(what: str, status: int, body: bytes) -> WatchFailed:
-    reason = ""
+    # The API server's Status message names the forbidden call and the user, as kubectl shows it; it
+    # carries no object data.
+    reason = message = ""
     with contextlib.suppress(ValueError, AttributeError):
-        reason = str(json.loads(body).get("reason") or "")
-    text = f"{what}: HTTP {status}" + (f" {reason}" if reason else "")
+        answer = json.loads(body)
+        reason, message = str(answer.get("reason") or ""), str(answer.get("message") or "")[:300]
+    text = f"{what}: HTTP {status}" + (f" {reason}" if reason else "") + (f": {message}" if message else "")
     return Gone(text) if status == 410 else WatchFailed(text)
 
 

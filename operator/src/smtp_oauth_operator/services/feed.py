@@ -44,6 +44,8 @@ class Reconciling(Protocol):
     def is_referenced(self, kind: str, namespace: str, name: str) -> bool: ...
     async def pause(self) -> None: ...
     def resume(self) -> None: ...
+    @property
+    def paused(self) -> bool: ...
 
 
 def _key(obj: Mapping[str, Any]) -> Key:
@@ -129,7 +131,9 @@ class Feed:
         self.tokens.clear()
 
     def resume(self) -> None:
-        self.reconciler.resume()
+        """Work (again): at start-up the reconciler is running already, after a pause it is not."""
+        if self.reconciler.paused:
+            self.reconciler.resume()
         self.start()
 
     # -- SmtpOAuthConfigs ------------------------------------------------------------------------
