@@ -76,3 +76,16 @@ def test_upstream_answers() -> None:
 def test_merge_refusals_prefers_temporary() -> None:
     assert merge_refusals([(550, "5.1.1 unknown"), (452, "4.5.3 too many")]) == (452, "4.5.3 too many")
     assert merge_refusals([(550, "5.1.1 unknown"), (553, "5.1.3 bad")]) == (550, "5.1.1 unknown")
+
+
+def test_readiness_is_the_operators_ready_condition_for_this_generation() -> None:
+    from smtp_oauth_operator.services.relay_feed import readiness  # noqa: PLC0415
+
+    def body(generation: int, observed: int, status: str, reason: str = "Tested") -> dict[str, object]:
+        condition = {"type": "Ready", "status": status, "reason": reason, "observedGeneration": observed}
+        return {"metadata": {"generation": generation}, "status": {"conditions": [condition]}}
+
+    assert readiness(body(3, 3, "True")) == (True, "Tested")
+    assert readiness(body(3, 3, "False", "AuthenticationRejected")) == (False, "AuthenticationRejected")
+    assert readiness(body(4, 3, "True")) == (False, "NotYetTested")  # the spec changed since the test
+    assert readiness({"metadata": {"generation": 1}}) == (False, "NotYetTested")
