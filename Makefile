@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: bootstrap tools debs lint unit e2e test demo bench clean
+.PHONY: bootstrap tools debs lint unit e2e test demo bench bench-relay clean
 
 bootstrap: $(STAMP) tools debs
 
@@ -50,6 +50,11 @@ demo: bootstrap
 
 bench: bootstrap
 	$(BIN)/python -m e2e.bench
+
+# The relay against the floor and email-oauth2-proxy (docs/performance.md, "SMTP relay").
+bench-relay: bootstrap
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m e2e.bench relay
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -218,6 +218,23 @@ def test_auth_login_challenges_are_the_usual_ones(relay: RelayProcess) -> None:
         )
 
 
+def test_upstream_sessions_are_reused_and_a_dropped_one_is_replaced(
+    relay: RelayProcess, peers: Peers
+) -> None:
+    with relay.client() as smtp:
+        assert send(smtp, message())[0] == 250
+    opened = peers.smtp.connections
+    for _ in range(3):
+        with relay.client() as smtp:
+            assert send(smtp, message())[0] == 250
+    assert peers.smtp.connections == opened  # three more messages over the same Exchange session
+    peers.smtp.drop_sessions()  # Exchange hangs up on the idle session
+    with relay.client() as smtp:
+        assert send(smtp, message())[0] == 250  # nothing of it reached the dead session: sent anew
+    assert peers.smtp.connections == opened + 1
+    assert len(peers.smtp.wait_for_messages(5)) == 5
+
+
 def test_a_rejected_cached_token_is_retried_once_with_a_fresh_one(relay: RelayProcess, peers: Peers) -> None:
     before = peers.idp.token_requests
     peers.idp.expire_tokens(CLIENT)  # the cached token is now refused with 535 5.7.3

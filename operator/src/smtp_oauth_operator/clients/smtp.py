@@ -23,7 +23,18 @@ import aiosmtplib
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
 from smtp_oauth_operator.domain.redact import quote_reply
 
-__all__ = ["Message", "SmtpResult", "SmtpTarget", "SubmitFailed", "authenticate", "submit", "tls_context"]
+__all__ = [
+    "Message",
+    "SmtpResult",
+    "SmtpTarget",
+    "StaleSession",
+    "SubmitFailed",
+    "Upstream",
+    "authenticate",
+    "open_upstream",
+    "send_on",
+    "tls_context",
+]
 
 _M = ConditionType.SMTP_AUTHENTICATED
 
@@ -304,20 +315,25 @@ class SubmitFailed(Exception):
         self.auth_rejected = auth_rejected
 
 
-async def submit(
-    target: SmtpTarget,
-    username: str,
-    token: str,
-    *,
-    sender: str,
-    recipients: tuple[str, ...],
-    data: bytes,
-) -> tuple[int, str]:
-    """Hand one message to the server with XOAUTH2 after TLS; returns its (code, text) for DATA.
+@dataclass(slots=True)
+class Upstream:
+    """An authenticated session with the server, reusable for several messages."""
 
-    All or nothing: a refused recipient refuses the whole message (``SubmitFailed`` with that reply,
-    temporary if any refusal is), so the relay never reports a message as accepted when part of it was
-    dropped. Connection and TLS failures are temporary (``451 4.4.x``): the client keeps the message.
+    smtp: aiosmtplib.SMTP
+    secrets: tuple[str, ...] = field(repr=False)
+    where: str
+    opened: float
+    messages: int = 0
+
+    async def close(self) -> None:
+        await _hang_up(self.smtp)
+
+
+async def open_upstream(target: SmtpTarget, username: str, token: str, *, now: float) -> Upstream:
+    """Connect, STARTTLS (or implicit TLS) and AUTH XOAUTH2; raises :class:`SubmitFailed`.
+
+    Connection and TLS failures are temporary (``451 4.4.x``/``4.7.0``); a ``535`` to AUTH is
+    ``auth_rejected`` (a fresh token may help).
     """
     auth_blob = base64.b64encode(f"user={username}\x01auth=Bearer {token}\x01\x01".encode()).decode()
     secrets = (token, auth_blob)
@@ -358,9 +374,37 @@ async def submit(
                 f"4.7.0 Exchange Online refused the relay's token: {_reply(exc, secrets)}",
                 auth_rejected=exc.code == 535,
             ) from None
-        mail = await smtp.mail(sender)
-        if mail.code != 250:  # pragma: no cover - aiosmtplib raises for non-250
-            raise SubmitFailed(mail.code, quote_reply(mail.message, secrets))
+    except SubmitFailed:
+        await _hang_up(smtp)
+        raise
+    except BaseException as exc:
+        await _hang_up(smtp)
+        if isinstance(exc, Exception):
+            raise _submit_failure(exc, secrets, where) from None
+        raise
+    return Upstream(smtp=smtp, secrets=secrets, where=where, opened=now)
+
+
+class StaleSession(SubmitFailed):
+    """A reused session was gone before anything of the message was sent: safe to retry at once."""
+
+
+async def send_on(
+    upstream: Upstream, *, sender: str, recipients: tuple[str, ...], data: bytes
+) -> tuple[int, str]:
+    """MAIL, RCPT, DATA on an open session; returns the server's (code, text) for DATA.
+
+    All or nothing: a refused recipient refuses the whole message (``SubmitFailed`` with that reply,
+    temporary if any refusal is) after an RSET, so the relay never reports a message as accepted when
+    part of it was dropped. Raises :class:`StaleSession` when the session died before MAIL was
+    answered (nothing of the message reached the server)."""
+    smtp, secrets = upstream.smtp, upstream.secrets
+    upstream.messages += 1
+    try:
+        try:
+            await smtp.mail(sender)
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+            raise StaleSession(451, f"4.4.2 {quote_reply(str(exc), secrets)[:120]}") from None
         refused: list[tuple[int, str]] = []
         for rcpt in recipients:
             try:
@@ -375,15 +419,23 @@ async def submit(
             raise SubmitFailed(code, text)
         answer = await smtp.data(data)
         return answer.code, quote_reply(answer.message, secrets)
-    except aiosmtplib.SMTPResponseException as exc:
+    except SubmitFailed:
+        raise
+    except Exception as exc:
+        if isinstance(exc, aiosmtplib.SMTPResponseException) and 400 <= exc.code < 600:
+            # A refused MAIL or DATA: the session itself stays usable after RSET.
+            with contextlib.suppress(aiosmtplib.SMTPException):
+                await smtp.rset()
+        raise _submit_failure(exc, secrets, upstream.where) from None
+
+
+def _submit_failure(exc: Exception, secrets: tuple[str, ...], where: str) -> SubmitFailed:
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
         code = exc.code if 400 <= exc.code < 600 else 451
-        raise SubmitFailed(code, quote_reply(exc.message, secrets) or "4.3.0 no reply text") from None
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+        return SubmitFailed(code, quote_reply(exc.message, secrets) or "4.3.0 no reply text")
+    if isinstance(exc, (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError)):
         detail = quote_reply(str(exc), secrets)[:200] or type(exc).__name__
-        raise SubmitFailed(451, f"4.4.2 Exchange Online dropped the session at {where} ({detail})") from None
-    except ssl.SSLError as exc:
-        raise SubmitFailed(451, f"4.7.0 TLS with {where} failed ({exc.reason or 'handshake'})") from None
-    except aiosmtplib.SMTPException as exc:
-        raise SubmitFailed(451, f"4.3.0 {quote_reply(str(exc), secrets)[:200]}") from None
-    finally:
-        await _hang_up(smtp)
+        if isinstance(exc, ssl.SSLError):
+            return SubmitFailed(451, f"4.7.0 TLS with {where} failed ({exc.reason or 'handshake'})")
+        return SubmitFailed(451, f"4.4.2 Exchange Online dropped the session at {where} ({detail})")
+    return SubmitFailed(451, f"4.3.0 {quote_reply(str(exc), secrets)[:200] or type(exc).__name__}")

@@ -36,7 +36,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from smtp_oauth_operator.clients.identity import TokenProvider
 from smtp_oauth_operator.clients.metrics import RelayMetrics
-from smtp_oauth_operator.clients.smtp import SubmitFailed, submit
+from smtp_oauth_operator.clients.smtp import StaleSession, SubmitFailed, Upstream, open_upstream, send_on
 from smtp_oauth_operator.domain.objects import ObjectSource
 from smtp_oauth_operator.domain.reasons import CheckFailed
 from smtp_oauth_operator.domain.relay import (
@@ -296,6 +296,8 @@ class Relay:
         self._sessions: set[_RelaySMTP] = set()
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._draining = False
+        self.pool = UpstreamPool()
+        self._reaper: asyncio.Task[None] | None = None
 
     # -- listeners ---------------------------------------------------------------------------------
 
@@ -323,7 +325,14 @@ class Relay:
             factory, host=host, port=port, ssl=self.tls_context if implicit_tls else None, backlog=512
         )
         self._servers.append(server)
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap())
         return int(server.sockets[0].getsockname()[1])
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            self.pool.reap(time.monotonic())
 
     @property
     def draining(self) -> bool:
@@ -339,6 +348,9 @@ class Relay:
             await asyncio.wait(list(self._in_flight), timeout=grace)
         for session in list(self._sessions):
             session.abort()
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await self.pool.close()
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 5)
@@ -389,33 +401,7 @@ class Relay:
             return str(refusal)
         if route.inputs is None:
             return _not_ready(route)
-        request = token_request(route.spec, route.inputs)
-        target = smtp_target(route.spec, route.inputs)
-        answer = ""
-        result = "error"
-        for attempt in (1, 2):
-            try:
-                token = await self.tokens.acquire(request)
-            except CheckFailed as exc:
-                answer = f"451 4.7.0 Cannot get a token from Entra ID ({exc.reason.value}); try again later"
-                result = "token_failed"
-                break
-            try:
-                code, text = await submit(
-                    target, route.spec.username, token.value, sender=sender, recipients=recipients, data=data
-                )
-            except SubmitFailed as exc:
-                if exc.auth_rejected and token.from_cache and attempt == 1:
-                    # A cached token may predate a permission change or be revoked: exactly one
-                    # retry with a fresh one; a fresh token's 535 is the configuration's problem.
-                    self.tokens.invalidate(request)
-                    continue
-                answer = upstream_answer(exc.code, exc.text)
-                result = "deferred" if 400 <= exc.code < 500 else "rejected"
-                break
-            answer = upstream_answer(code, text)
-            result = "sent" if 200 <= code < 300 else "deferred" if 400 <= code < 500 else "rejected"
-            break
+        answer, result = await self._submit(route, sender, recipients, data)
         elapsed = time.monotonic() - started
         if self.metrics:
             self.metrics.duration.observe(elapsed)
@@ -432,6 +418,54 @@ class Relay:
         )
         return answer
 
+    async def _submit(
+        self, route: Route, sender: str, recipients: tuple[str, ...], data: bytes
+    ) -> tuple[str, str]:
+        """(answer for the client, metric result). An idle authenticated session of this route is
+        reused when there is one; a new one is opened otherwise."""
+        assert route.inputs is not None
+        request = token_request(route.spec, route.inputs)
+        target = smtp_target(route.spec, route.inputs)
+        auth_retried = stale_retried = False
+        while True:
+            try:
+                token = await self.tokens.acquire(request)
+            except CheckFailed as exc:
+                return (
+                    f"451 4.7.0 Cannot get a token from Entra ID ({exc.reason.value}); try again later",
+                    "token_failed",
+                )
+            upstream = self.pool.take(route.key, time.monotonic())
+            reused = upstream is not None
+            if upstream is None:
+                try:
+                    upstream = await open_upstream(
+                        target, route.spec.username, token.value, now=time.monotonic()
+                    )
+                except SubmitFailed as exc:
+                    if exc.auth_rejected and token.from_cache and not auth_retried:
+                        # A cached token may predate a permission change or be revoked: exactly one
+                        # retry with a fresh one; a fresh token's 535 is the configuration's problem.
+                        auth_retried = True
+                        self.tokens.invalidate(request)
+                        self.pool.drop(route.key)
+                        continue
+                    return upstream_answer(exc.code, exc.text), _result(exc.code)
+            try:
+                code, text = await send_on(upstream, sender=sender, recipients=recipients, data=data)
+            except StaleSession as exc:
+                await upstream.close()
+                if reused and not stale_retried:
+                    # Exchange closed the idle session before our MAIL: nothing was sent; once more.
+                    stale_retried = True
+                    continue
+                return upstream_answer(exc.code, exc.text), _result(exc.code)
+            except SubmitFailed as exc:
+                await upstream.close()
+                return upstream_answer(exc.code, exc.text), _result(exc.code)
+            self.pool.give(route.key, upstream, time.monotonic())
+            return upstream_answer(code, text), _result(code)
+
     def _count(self, route: Route, result: str) -> None:
         if self.metrics:
             self.metrics.message(route.namespace, route.name, result)
@@ -439,6 +473,74 @@ class Relay:
     def track(self, task: asyncio.Task[Any]) -> None:
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
+
+
+def _result(code: int) -> str:
+    return "sent" if 200 <= code < 300 else "deferred" if 400 <= code < 500 else "rejected"
+
+
+class UpstreamPool:
+    """Idle authenticated sessions with Exchange, per relayed configuration.
+
+    A session goes back to the pool after a message Exchange answered with 2xx; it is not reused
+    when idle longer than ``idle`` seconds (Exchange drops idle sessions), older than ``max_age`` or
+    after ``max_messages`` messages. Any failure closes the session instead.
+    """
+
+    def __init__(
+        self, *, idle: float = 15.0, max_age: float = 300.0, max_messages: int = 50, per_key: int = 16
+    ) -> None:
+        self.idle = idle
+        self.max_age = max_age
+        self.max_messages = max_messages
+        self.per_key = per_key
+        self._idle: dict[tuple[str, str], list[tuple[Upstream, float]]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def take(self, key: tuple[str, str], now: float) -> Upstream | None:
+        sessions = self._idle.get(key) or []
+        while sessions:
+            upstream, since = sessions.pop()  # the most recently used: the least likely to be stale
+            if (
+                now - since <= self.idle
+                and now - upstream.opened <= self.max_age
+                and upstream.smtp.is_connected
+            ):
+                return upstream
+            self._close(upstream)
+        return None
+
+    def give(self, key: tuple[str, str], upstream: Upstream, now: float) -> None:
+        sessions = self._idle.setdefault(key, [])
+        if upstream.messages >= self.max_messages or len(sessions) >= self.per_key:
+            self._close(upstream)
+            return
+        sessions.append((upstream, now))
+
+    def drop(self, key: tuple[str, str]) -> None:
+        for upstream, _ in self._idle.pop(key, []):
+            self._close(upstream)
+
+    def reap(self, now: float) -> None:
+        for key in list(self._idle):
+            keep = []
+            for upstream, since in self._idle[key]:
+                if now - since > self.idle or now - upstream.opened > self.max_age:
+                    self._close(upstream)
+                else:
+                    keep.append((upstream, since))
+            self._idle[key] = keep
+
+    async def close(self) -> None:
+        for key in list(self._idle):
+            self.drop(key)
+        if self._closing:
+            await asyncio.wait(list(self._closing), timeout=5)
+
+    def _close(self, upstream: Upstream) -> None:
+        task = asyncio.ensure_future(upstream.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
 
 def _not_ready(route: Route) -> str:

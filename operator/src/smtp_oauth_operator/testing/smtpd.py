@@ -667,6 +667,20 @@ class FakeExchange:
                 self._changed.wait(remaining)
             return list(self._messages)
 
+    def drop_sessions(self) -> None:
+        """Abort every open session, as Exchange does with idle ones (clients must reconnect)."""
+        loop = self._loop
+        if loop is None:
+            return
+
+        async def drop() -> None:
+            with self._lock:
+                sessions = list(self._open)
+            for session in sessions:
+                session.abort()
+
+        asyncio.run_coroutine_threadsafe(drop(), loop).result(timeout=10)
+
     def defer_data(self, count: int = 1, reply: str | None = None) -> None:
         """Answer the next ``count`` end-of-DATA with a refusal (default a temporary ``451 4.3.2``, as
         Exchange does when a mailbox server is busy); the message is then not stored."""
