@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from e2e.bench.world import REPO_ROOT, Peers, _pythonpath, new_app
+
 from smtp_oauth_operator.testing.pki import CertificateAuthority
 
 RELAY_USER = "bench-relay"
@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[int, dict[str, Any]]] = {}
     notes: dict[str, Any] = {}
     try:
-        app = new_app(peers)
+        # One app registration each, so that the relay's token requests are counted apart.
+        app, floor_app, peer_app = new_app(peers), new_app(peers), new_app(peers)
         e = peers.endpoints
         local = CertificateAuthority.create("relay bench local CA", directory=tmp / "local").issue(
             "127.0.0.1", "localhost", directory=tmp / "local"
@@ -169,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             "upstream_ca": e["ca_file"],
             "authority_host": e["authority_host"],
             "tenant_id": e["tenant_id"],
-            "client_id": app.client_id,
-            "client_secret": app.secret,
+            "client_id": floor_app.client_id,
+            "client_secret": floor_app.secret,
             "scope": e["scope"],
         }
 
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         if importlib.util.find_spec("emailproxy") is not None:
             peer_port = _free_port()
             config = tmp / "emailproxy.config"
-            _peer_config(peers, app, peer_port, local, config)
+            _peer_config(peers, peer_app, peer_port, local, config)
             peer_log = tmp / "emailproxy.log"
             with peer_log.open("wb") as log:
                 peer = subprocess.Popen(
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                         "username": e["mailbox"],
                         "password": "bench-peer-password",
                     },
-                )  # fmt: skip
+                )
             )
         tokens_before = peers.counters()["token_requests_by_client"].get(app.client_id, 0)
         for name, mode in modes:
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 def _table(results: dict[str, dict[int, dict[str, Any]]], levels: list[int], notes: dict[str, Any]) -> str:
     floor = results.get("floor", {})
     lines = [
-        "| target | clients | messages/s | × floor | p50 ms | p99 ms | p50 added | p99 added | errors |",
+        "| target | clients | messages/s | x floor | p50 ms | p99 ms | p50 added | p99 added | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in ("floor", "relay", "peer"):
