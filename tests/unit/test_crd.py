@@ -232,6 +232,7 @@ def test_printer_columns() -> None:
         ("Username", "string", ".spec.username", 1),
         ("SMTP", "string", ".status.smtpEndpoint", 1),
         ("Last Test", "date", ".status.lastTestTime", 1),
+        ("Relay", "boolean", ".spec.relay.enabled", 1),
         ("Message", "string", f"{ready}.message", 1),
     ]
 
