@@ -526,3 +526,57 @@ def test_sigkill_while_clients_send_loses_no_accepted_message(peers: Peers) -> N
     assert len(accepted) >= 16
     missing = [mid for mid in accepted if mid not in arrived]
     assert missing == []
+
+
+async def test_a_renewed_certificate_is_served_without_a_restart(tmp_path: Path) -> None:
+    """cert-manager rewrites the mounted Secret; new handshakes present the new certificate."""
+    import asyncio  # noqa: PLC0415
+
+    from smtp_oauth_operator.services.relay import reload_certificate  # noqa: PLC0415
+    from smtp_oauth_operator.testing.pki import CertificateAuthority  # noqa: PLC0415
+
+    old = CertificateAuthority.create("old CA", directory=tmp_path / "old").issue(
+        "127.0.0.1", directory=tmp_path / "old"
+    )
+    new = CertificateAuthority.create("new CA", directory=tmp_path / "new").issue(
+        "127.0.0.1", directory=tmp_path / "new"
+    )
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(Path(old.cert_file).read_bytes())
+    key.write_bytes(Path(old.key_file).read_bytes())
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+
+    async def trusted_by(ca_file: str) -> bool:
+        client = ssl.create_default_context(cafile=ca_file)
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
+        except ssl.SSLError:
+            return False
+        writer.close()
+        return True
+
+    reloader = asyncio.create_task(reload_certificate(context, str(cert), str(key), interval=0.05))
+    try:
+        assert await trusted_by(str(old.ca_file))
+        await asyncio.sleep(0.1)
+        os.utime(cert, (time.time() + 5, time.time() + 5))  # a later mtime, as a Secret volume update gives
+        key.write_bytes(Path(new.key_file).read_bytes())
+        cert.write_bytes(Path(new.cert_file).read_bytes())
+        os.utime(cert, (time.time() + 10, time.time() + 10))
+        for _ in range(100):
+            if await trusted_by(str(new.ca_file)):
+                break
+            await asyncio.sleep(0.05)
+        assert await trusted_by(str(new.ca_file))
+        assert not await trusted_by(str(old.ca_file))
+    finally:
+        reloader.cancel()
+        server.close()
+        await server.wait_closed()

@@ -60,6 +60,7 @@ __all__ = [
     "Routes",
     "build_route",
     "refresh_from_manifests",
+    "reload_certificate",
     "serve",
 ]
 
@@ -426,6 +427,8 @@ class Relay:
         assert route.inputs is not None
         request = token_request(route.spec, route.inputs)
         target = smtp_target(route.spec, route.inputs)
+        # A changed spec or rotated Secret (a new fingerprint) never reuses a session opened before.
+        pool_key = (route.namespace, route.name, route.inputs.fingerprint)
         auth_retried = stale_retried = False
         while True:
             try:
@@ -435,7 +438,7 @@ class Relay:
                     f"451 4.7.0 Cannot get a token from Entra ID ({exc.reason.value}); try again later",
                     "token_failed",
                 )
-            upstream = self.pool.take(route.key, time.monotonic())
+            upstream = self.pool.take(pool_key, time.monotonic())
             reused = upstream is not None
             if upstream is None:
                 try:
@@ -448,7 +451,7 @@ class Relay:
                         # retry with a fresh one; a fresh token's 535 is the configuration's problem.
                         auth_retried = True
                         self.tokens.invalidate(request)
-                        self.pool.drop(route.key)
+                        self.pool.drop(pool_key)
                         continue
                     return upstream_answer(exc.code, exc.text), _result(exc.code)
             try:
@@ -463,7 +466,7 @@ class Relay:
             except SubmitFailed as exc:
                 await upstream.close()
                 return upstream_answer(exc.code, exc.text), _result(exc.code)
-            self.pool.give(route.key, upstream, time.monotonic())
+            self.pool.give(pool_key, upstream, time.monotonic())
             return upstream_answer(code, text), _result(code)
 
     def _count(self, route: Route, result: str) -> None:
@@ -494,10 +497,10 @@ class UpstreamPool:
         self.max_age = max_age
         self.max_messages = max_messages
         self.per_key = per_key
-        self._idle: dict[tuple[str, str], list[tuple[Upstream, float]]] = {}
+        self._idle: dict[tuple[str, ...], list[tuple[Upstream, float]]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
-    def take(self, key: tuple[str, str], now: float) -> Upstream | None:
+    def take(self, key: tuple[str, ...], now: float) -> Upstream | None:
         sessions = self._idle.get(key) or []
         while sessions:
             upstream, since = sessions.pop()  # the most recently used: the least likely to be stale
@@ -510,14 +513,14 @@ class UpstreamPool:
             self._close(upstream)
         return None
 
-    def give(self, key: tuple[str, str], upstream: Upstream, now: float) -> None:
+    def give(self, key: tuple[str, ...], upstream: Upstream, now: float) -> None:
         sessions = self._idle.setdefault(key, [])
         if upstream.messages >= self.max_messages or len(sessions) >= self.per_key:
             self._close(upstream)
             return
         sessions.append((upstream, now))
 
-    def drop(self, key: tuple[str, str]) -> None:
+    def drop(self, key: tuple[str, ...]) -> None:
         for upstream, _ in self._idle.pop(key, []):
             self._close(upstream)
 
@@ -746,6 +749,29 @@ async def _tls_from(options: Options, source: ObjectSource | None) -> ssl.SSLCon
     return _server_context(None, None, options.tls_cert, options.tls_key)
 
 
+async def reload_certificate(
+    context: ssl.SSLContext, cert_file: str, key_file: str, *, interval: float = 30.0
+) -> None:
+    """A renewed certificate (cert-manager rewrites the mounted Secret) is loaded into the same context,
+    which every new handshake uses: no restart, no dropped connection."""
+
+    def stamp() -> tuple[float, float]:
+        return os.stat(cert_file).st_mtime, os.stat(key_file).st_mtime
+
+    seen = stamp()
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            now = stamp()
+            if now != seen:
+                context.load_cert_chain(cert_file, key_file)
+                seen = now
+                logger.info("relay: loaded the renewed TLS certificate from %s", cert_file)
+        except (OSError, ssl.SSLError) as exc:
+            # Mid-rotation the pair can be inconsistent for a moment; keep the old one and look again.
+            logger.warning("relay: cannot load the TLS certificate yet (%s)", type(exc).__name__)
+
+
 async def serve(
     options: Options, docs: Sequence[Mapping[str, Any]] | None, source: ObjectSource | None
 ) -> None:
@@ -782,6 +808,9 @@ async def serve(
         feeder.cancel()
         raise RelayInputError(f"cannot listen on {options.listen}: {exc.strerror or exc}") from None
     metrics.serve(options.metrics_port)
+    reloader = None
+    if options.tls_cert and options.tls_key and not options.tls_secret:
+        reloader = asyncio.create_task(reload_certificate(context, options.tls_cert, options.tls_key))
     logger.info(
         "relay: listening on %s port %s (STARTTLS)%s, %d configuration(s)",
         options.listen,
@@ -804,6 +833,8 @@ async def serve(
         logger.info("relay: stopping; finishing the messages being handed to Exchange")
         await relay.close()
         feeder.cancel()
+        if reloader is not None:
+            reloader.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await feeder
 
