@@ -580,3 +580,32 @@ async def test_a_renewed_certificate_is_served_without_a_restart(tmp_path: Path)
         reloader.cancel()
         server.close()
         await server.wait_closed()
+
+
+def test_sigterm_finishes_the_message_in_flight(peers: Peers) -> None:
+    """A rollout's SIGTERM while Exchange is still answering: the client gets Exchange's 250, not a
+    dropped connection, and the relay exits 0."""
+    import threading  # noqa: PLC0415
+
+    peers.smtp.data_delay = 1.5
+    relay_docs(peers)
+    proc = start_relay(peers)
+    answers: list[tuple[int, bytes]] = []
+
+    def client() -> None:
+        with proc.client() as smtp:
+            answers.append(send(smtp, message()))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while peers.smtp.connections < 2 and time.monotonic() < deadline:  # the test at start, then ours
+        time.sleep(0.05)
+    time.sleep(0.5)  # DATA is with Exchange now
+    proc.proc.terminate()
+    thread.join(timeout=30)
+    assert proc.proc.wait(timeout=30) == 0
+    assert len(answers) == 1
+    assert answers[0][0] == 250
+    assert len(peers.smtp.messages) == 1
+    assert_no_leak(proc, peers)

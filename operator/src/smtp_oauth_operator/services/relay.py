@@ -347,6 +347,7 @@ class Relay:
             server.close()
         if self._in_flight:
             await asyncio.wait(list(self._in_flight), timeout=grace)
+            await asyncio.sleep(0.2)  # let the sessions write Exchange's answers before they are cut
         for session in list(self._sessions):
             session.abort()
         if self._reaper is not None:
