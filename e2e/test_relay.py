@@ -281,3 +281,20 @@ def _ready(port: int) -> bool:
             return resp.status == 200
     except OSError:
         return False
+
+
+def test_a_rotated_relay_password_applies_without_a_restart(
+    ns: Namespace, dev: Dev, operator: OperatorProcess, relay: Relay
+) -> None:
+    app = dev.new_app()
+    old, new = dev.new_secret(), dev.new_secret()
+    relayed_config(ns, dev, app, old)
+    ns.wait_for_condition("alerts", "Ready", "True", timeout=60)
+    wait_until(lambda: relay.login(old)[0] == 235, timeout=30, what="the relay to serve alerts")
+    ns.kubectl(
+        "patch", "secret", "alerts-relay", "--type=merge", "-p", json.dumps({"stringData": {"password": new}})
+    )
+    wait_until(lambda: relay.login(new)[0] == 235, timeout=60, interval=1, what="the new password to work")
+    assert relay.login(old) == (535, b"5.7.8 Authentication credentials invalid")
+    for secret in (old, new, app.secret):
+        assert secret not in relay.output()
