@@ -298,3 +298,28 @@ def test_a_rotated_relay_password_applies_without_a_restart(
     assert relay.login(old) == (535, b"5.7.8 Authentication credentials invalid")
     for secret in (old, new, app.secret):
         assert secret not in relay.output()
+
+
+def test_a_starting_relay_listens_only_once_it_knows_the_configurations(
+    control_plane: ControlPlane,
+    ns: Namespace,
+    dev: Dev,
+    operator: OperatorProcess,
+    relay_cert: ServerCert,
+    tmp_path: Path,
+) -> None:
+    """A new replica in a rollout: the first login it answers is already the right one (never a 535)."""
+    app = dev.new_app()
+    password = dev.new_secret()
+    relayed_config(ns, dev, app, password)
+    ns.wait_for_condition("alerts", "Ready", "True", timeout=60)
+    relay = Relay(control_plane, relay_cert, tmp_path / "relay.log", ns.name)
+    try:
+        wait_until(lambda: relay.login(password)[0] != 0, timeout=60, interval=0.05, what="the relay's port")
+        assert relay.login(password)[0] == 235
+        out = relay.output()
+        assert "failed AUTH" not in out
+        # The route was built before the port opened (on loopback the race is too short to hit reliably).
+        assert 0 <= out.index(f"{ns.name}/alerts serves login") < out.index("relay: listening on")
+    finally:
+        assert relay.stop() == 0

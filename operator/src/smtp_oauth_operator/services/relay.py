@@ -800,7 +800,18 @@ async def serve(
     else:
         from smtp_oauth_operator.services import relay_feed  # noqa: PLC0415 - it imports this module
 
-        feeder = asyncio.create_task(relay_feed.connect(routes, options.namespaces).run())
+        feed = relay_feed.connect(routes, options.namespaces)
+        feeder = asyncio.create_task(feed.run())
+        # Listen once the configurations are known, so that a new replica in a rollout never answers
+        # a valid login with 535; after a minute without the API server, listen anyway (and say so).
+        synced = asyncio.ensure_future(feed.synced.wait())
+        await asyncio.wait([synced, feeder], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        if feeder.done():
+            synced.cancel()
+            raise RelayInputError(f"the cluster feed stopped: {type(feeder.exception()).__name__}")
+        if not synced.done():
+            synced.cancel()
+            logger.warning("relay: the configurations are not listed after 60 s; listening anyway")
     try:
         ports = [await relay.listen(options.listen, options.port)]
         if options.tls_port:

@@ -73,6 +73,8 @@ class RelayFeed:
         self.bodies: dict[Key, dict[str, Any]] = {}
         self._tasks: dict[Key, asyncio.Task[None]] = {}
         self._versions: dict[Key, str] = {}
+        self._listed = False
+        self.synced = asyncio.Event()  # the first list is in and every route of it built (or failed)
         self.informers = [
             Informer(api, CONFIGS, namespaces or None, on_resync=self._resync, on_event=self._event),
             Informer(
@@ -101,6 +103,12 @@ class RelayFeed:
             self._drop(key)
         for key, body in listed.items():
             self._observe(key, body)
+        self._listed = True
+        self._check_synced()
+
+    def _check_synced(self) -> None:
+        if self._listed and not self._tasks and not self.synced.is_set():
+            self.synced.set()
 
     def _event(self, kind: str, body: dict[str, Any]) -> None:
         key = _key(body)
@@ -161,6 +169,7 @@ class RelayFeed:
         finally:
             if self._tasks.get(key) is asyncio.current_task():
                 del self._tasks[key]
+            self._check_synced()
 
     # -- Secrets (metadata only) -------------------------------------------------------------------
 
