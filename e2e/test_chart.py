@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 import yaml
 from e2e.controlplane import REPO_ROOT, ControlPlane, free_port
+from e2e.fixtures import OPERATOR_CMD, operator_env
 
 from smtp_oauth_operator.testing.devservers import DevServers
 
@@ -38,7 +39,6 @@ pytestmark = pytest.mark.e2e
 
 CHART = REPO_ROOT / "charts" / "smtp-oauth-operator"
 TESTDATA = Path(__file__).resolve().parent / "testdata"
-OPERATOR_BIN = REPO_ROOT / ".venv" / "bin" / "smtp-oauth-operator"
 CRD_NAME = "smtpoauthconfigs.smtpoauth.dev"
 CLIENT_SECRET = "chart-e2e~CANARY.client-secret_0123456789"
 
@@ -184,11 +184,11 @@ class Operator:
         self.health_port = free_port()
         self.log_path = plane.tmp / f"{name}.log"
         self._log = self.log_path.open("wb")
-        env = {k: v for k, v in os.environ.items() if k not in {"HTTPS_PROXY", "https_proxy"}}
+        env = operator_env({k: v for k, v in os.environ.items() if k not in {"HTTPS_PROXY", "https_proxy"}})
         env["KUBECONFIG"] = str(kubeconfig)
         self.proc = subprocess.Popen(
             [
-                str(OPERATOR_BIN),
+                *OPERATOR_CMD,
                 "run",
                 *args,
                 "--log-level=debug",
@@ -886,8 +886,8 @@ def test_extra_ca_bundle_is_trusted_through_ssl_cert_file(plane: Plane, dev_serv
 
     def check(env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(OPERATOR_BIN), "check", "-f", str(manifests), "-o", "json"],
-            env={**os.environ, **env}, capture_output=True, text=True, timeout=120, check=False,
+            [*OPERATOR_CMD, "check", "-f", str(manifests), "-o", "json"],
+            env=operator_env({**os.environ, **env}), capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
 
     untrusted = check({})
@@ -949,11 +949,11 @@ def test_relay_rbac_is_read_only_sufficient_and_exactly_what_the_relay_uses(
     kubeconfig = plane.cp.kubeconfig_for_token(token, plane.tmp / "relay.kubeconfig")
     port = free_port()
     log_path = plane.tmp / "relay.log"
-    env = {k: v for k, v in os.environ.items() if k not in {"HTTPS_PROXY", "https_proxy"}}
+    env = operator_env({k: v for k, v in os.environ.items() if k not in {"HTTPS_PROXY", "https_proxy"}})
     env["KUBECONFIG"] = str(kubeconfig)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [str(OPERATOR_BIN), "relay", "--listen", "127.0.0.1", f"--port={port}",
+            [*OPERATOR_CMD, "relay", "--listen", "127.0.0.1", f"--port={port}",
              f"--tls-cert={plane.tmp / 'relay-tls.crt'}", f"--tls-key={plane.tmp / 'relay-tls.key'}",
              "--log-level=debug"],
             env=env, cwd=plane.tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 from e2e.controlplane import REPO_ROOT, ControlPlane, free_port
-from e2e.fixtures import MAILBOX, OPERATOR_BIN, App, Dev, Namespace, OperatorProcess, wait_until
+from e2e.fixtures import MAILBOX, OPERATOR_CMD, App, Dev, Namespace, OperatorProcess, operator_env, wait_until
 
 from smtp_oauth_operator.testing.pki import CertificateAuthority, ServerCert
 
@@ -61,10 +61,10 @@ class Relay:
         self.metrics_port = free_port()
         self.cert = cert
         self.log = log
-        env = cp.env()
+        env = operator_env(cp.env())
         env["PYTHONUNBUFFERED"] = "1"
         cmd = [
-            str(OPERATOR_BIN),
+            *OPERATOR_CMD,
             "relay",
             "-n",
             namespace,

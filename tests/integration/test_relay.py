@@ -64,7 +64,7 @@ class RelayProcess:
                 self.proc.wait()
 
 
-def relay_docs(peers: Peers, **relay: Any) -> None:
+def relay_docs(peers: Peers, *, spec: dict[str, Any] | None = None, **relay: Any) -> None:
     peers.extra_docs.append(
         {
             "apiVersion": "v1",
@@ -86,7 +86,8 @@ def relay_docs(peers: Peers, **relay: Any) -> None:
             },
         }
     )
-    spec = peers.spec(relay={"enabled": True, "credentialsSecretRef": {"name": "alerts-relay"}, **relay})
+    spec = spec if spec is not None else peers.spec()
+    spec["relay"] = {"enabled": True, "credentialsSecretRef": {"name": "alerts-relay"}, **relay}
     peers.manifests(spec)
 
 
@@ -608,4 +609,24 @@ def test_sigterm_finishes_the_message_in_flight(peers: Peers) -> None:
     assert len(answers) == 1
     assert answers[0][0] == 250
     assert len(peers.smtp.messages) == 1
+    assert_no_leak(proc, peers)
+
+
+def test_relay_submits_through_an_authenticating_connect_proxy(peers: Peers) -> None:
+    from smtp_oauth_operator.testing.peers import HttpConnectProxy  # noqa: PLC0415
+
+    proxy_password = "PROXY~pa55.CANARY_42"
+    with HttpConnectProxy(credentials=("relay-proxy", proxy_password)) as proxy:
+        relay_docs(peers, spec=peers.spec(**{"proxy.url": proxy.url_with_credentials}))
+        proc = start_relay(peers)
+        try:
+            tunnels = proxy.tunnels  # the connection test at start went through it too
+            with proc.client() as smtp:
+                assert send(smtp, message())[0] == 250
+            assert proxy.tunnels == tunnels + 1
+            assert f"127.0.0.1:{peers.smtp.port}" in proxy.targets
+        finally:
+            proc.stop()
+    assert len(peers.smtp.messages) == 1
+    assert proxy_password not in proc.output()
     assert_no_leak(proc, peers)

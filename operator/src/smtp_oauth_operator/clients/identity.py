@@ -35,7 +35,7 @@ import msal
 import requests
 
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
-from smtp_oauth_operator.domain.redact import quote_reply
+from smtp_oauth_operator.domain.redact import proxy_address, proxy_secrets, quote_reply
 
 __all__ = ["AccessToken", "TokenProvider", "TokenRequest"]
 
@@ -73,7 +73,7 @@ class TokenRequest:
     scope: str
     client_secret: str = field(repr=False)
     ca_pem: str | None = None
-    proxy_url: str | None = None
+    proxy_url: str | None = field(default=None, repr=False)  # may carry credentials
     timeout: float = 30.0
 
     @property
@@ -85,11 +85,12 @@ class TokenRequest:
         return f"{self.authority}/oauth2/v2.0/token"
 
     def cache_key(self) -> tuple[str, ...]:
-        # The secret enters the key only as a digest, so a rotated secret gets a fresh application
+        # The secret (and a proxy URL's credentials) enter the key only as a digest, so a rotated secret gets a fresh application
         # (MSAL caches a 400 for 60 s per application) while the key itself is harmless to hold.
         digest = hashlib.sha256(self.client_secret.encode()).hexdigest()
         ca = hashlib.sha256(self.ca_pem.encode()).hexdigest() if self.ca_pem else ""
-        return (self.authority, self.client_id, digest, ca, self.proxy_url or "", str(self.timeout))
+        proxy = hashlib.sha256(self.proxy_url.encode()).hexdigest() if self.proxy_url else ""
+        return (self.authority, self.client_id, digest, ca, proxy, str(self.timeout))
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,8 +285,9 @@ class TokenProvider:
     def _acquire_sync(self, app: _App, request: TokenRequest) -> AccessToken:
         http = app.http
         http.status = http.retry_after = http.url = None
-        secrets = (request.client_secret,)
+        secrets = (request.client_secret, *proxy_secrets(request.proxy_url))
         host = urlsplit(request.authority_host).netloc
+        proxy = proxy_address(request.proxy_url)
         try:
             if app.msal is None:
                 app.msal = msal.ConfidentialClientApplication(
@@ -309,12 +311,11 @@ class TokenProvider:
             self._on_request(Reason.IDENTITY_PROVIDER_UNREACHABLE)
             raise CheckFailed(
                 Reason.IDENTITY_PROVIDER_UNREACHABLE,
-                f"the proxy {urlsplit(request.proxy_url or '').netloc} did not connect us to {host} "
-                f"({_short(exc, secrets)})",
+                f"the proxy {proxy} did not connect us to {host} ({_short(exc, secrets)})",
             ) from None
         except requests.exceptions.Timeout:
             self._on_request(Reason.IDENTITY_PROVIDER_UNREACHABLE)
-            via = f" through the proxy {urlsplit(request.proxy_url).netloc}" if request.proxy_url else ""
+            via = f" through the proxy {proxy}" if proxy else ""
             raise CheckFailed(
                 Reason.IDENTITY_PROVIDER_UNREACHABLE,
                 f"no answer from the identity provider {host}{via} within {request.timeout:g} s",
@@ -386,7 +387,7 @@ class TokenProvider:
         reason = reason or _ERRORS.get(error, Reason.UNEXPECTED_RESPONSE)
         self._on_request(reason)
         description = str(result.get("error_description", "")).split("\r\n")[0].split("\n")[0]
-        detail = quote_reply(description, (request.client_secret,)) or error
+        detail = quote_reply(description, (request.client_secret, *proxy_secrets(request.proxy_url))) or error
         return CheckFailed(reason, f"Entra ID refused the token request: {detail}", condition=_T)
 
 
