@@ -630,3 +630,28 @@ def test_relay_submits_through_an_authenticating_connect_proxy(peers: Peers) -> 
     assert len(peers.smtp.messages) == 1
     assert proxy_password not in proc.output()
     assert_no_leak(proc, peers)
+
+
+def test_dot_stuffing_and_line_ends_survive_the_relay(relay: RelayProcess, peers: Peers) -> None:
+    """What the client dot-stuffs arrives unstuffed and byte for byte, also a body line that is a lone
+    dot, a line ending in a dot, and a line starting with two dots."""
+    body = (
+        f"From: {MAILBOX}\r\nTo: ops@contoso.com\r\nSubject: dots\r\n\r\n"
+        ".starts with a dot\r\n.\r\n..two dots\r\nends with a dot.\r\n" + "x" * 900 + "\r\n" + "y.\r\n" * 3000
+    ).encode()
+    with relay.client() as smtp:
+        smtp.mail(MAILBOX)
+        smtp.rcpt("ops@contoso.com")
+        assert smtp.data(body)[0] == 250  # smtplib dot-stuffs and sends the terminator
+        smtp.mail(MAILBOX)
+        smtp.rcpt("ops@contoso.com")
+        assert smtp.data(b"")[0] == 250  # an empty message: the terminator straight away
+        smtp.mail(MAILBOX)
+        smtp.rcpt("ops@contoso.com")
+        assert smtp.data(b"Subject: long\r\n\r\n" + b"z" * 1200 + b"\r\n") == (
+            500,
+            b"5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
+        )
+    first, second = peers.smtp.wait_for_messages(2)
+    assert first.data == body
+    assert second.data == b"\r\n"  # smtplib ends even an empty message with CRLF
