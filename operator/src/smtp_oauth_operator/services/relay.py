@@ -493,7 +493,7 @@ class UpstreamPool:
     """
 
     def __init__(
-        self, *, idle: float = 15.0, max_age: float = 300.0, max_messages: int = 50, per_key: int = 16
+        self, *, idle: float = 15.0, max_age: float = 300.0, max_messages: int = 100, per_key: int = 16
     ) -> None:
         self.idle = idle
         self.max_age = max_age
