@@ -13,13 +13,15 @@ from smtp_oauth_operator.services.relay_feed import RelayFeed
 NS = "mail"
 
 
-def _config(name: str, *, login_secret: str, generation: int = 1, ready: str = "True") -> dict[str, Any]:
+def _config(
+    name: str, *, login_secret: str, generation: int = 1, ready: str = "True", namespace: str = NS
+) -> dict[str, Any]:
     return {
         "apiVersion": "smtpoauth.dev/v1alpha1",
         "kind": "SmtpOAuthConfig",
         "metadata": {
             "name": name,
-            "namespace": NS,
+            "namespace": namespace,
             "generation": generation,
             "resourceVersion": str(generation),
         },
@@ -40,11 +42,11 @@ def _config(name: str, *, login_secret: str, generation: int = 1, ready: str = "
     }
 
 
-def _secret(name: str, data: dict[str, str], version: str = "1") -> dict[str, Any]:
+def _secret(name: str, data: dict[str, str], version: str = "1", namespace: str = NS) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": name, "namespace": NS, "resourceVersion": version},
+        "metadata": {"name": name, "namespace": namespace, "resourceVersion": version},
         "stringData": data,
     }
 
@@ -66,7 +68,7 @@ async def test_routes_follow_lists_events_and_secret_changes() -> None:
     )
     routes = Routes()
     feed = RelayFeed(routes, source, None, [NS])  # type: ignore[arg-type]  # any ObjectSource reads
-    feed._resync([_config("a", login_secret="login-a")])
+    feed._resync(NS, [_config("a", login_secret="login-a")])
     await _settle(feed)
     assert feed.synced.is_set()
     route = routes.find("GRAFANA")
@@ -88,7 +90,7 @@ async def test_routes_follow_lists_events_and_secret_changes() -> None:
     assert routes.find("grafana").ready is False  # type: ignore[union-attr]
 
     # A re-list without it (deleted while the watch was down) drops it.
-    feed._resync([])
+    feed._resync(NS, [])
     await _settle(feed)
     assert routes.find("grafana") is None
     assert len(routes) == 0
@@ -105,11 +107,12 @@ async def test_a_login_claimed_twice_serves_neither_and_a_missing_secret_is_not_
     routes = Routes()
     feed = RelayFeed(routes, source, None, [NS])  # type: ignore[arg-type]
     feed._resync(
+        NS,
         [
             _config("a", login_secret="login-a"),
             _config("b", login_secret="login-b"),
             _config("c", login_secret="nope"),
-        ]
+        ],
     )
     await _settle(feed)
     assert routes.find("grafana") is None
@@ -117,3 +120,32 @@ async def test_a_login_claimed_twice_serves_neither_and_a_missing_secret_is_not_
     feed._event("DELETED", _config("b", login_secret="login-b"))
     await _settle(feed)
     assert routes.find("grafana").name == "a"  # type: ignore[union-attr]
+
+
+async def test_a_namespace_relist_speaks_only_for_its_namespace() -> None:
+    """With ``-n mail -n ops`` each namespace has its own informers: a re-list of one must not drop the
+    other's routes, and the relay is synced only once every namespace has been listed."""
+    source = ManifestSource(
+        [
+            _secret("exo-app", {"client-secret": "s"}),
+            _secret("login-a", {"username": "grafana", "password": "a"}),
+            _secret("exo-app", {"client-secret": "s"}, namespace="ops"),
+            _secret("login-b", {"username": "kibana", "password": "b"}, namespace="ops"),
+        ]
+    )
+    routes = Routes()
+    feed = RelayFeed(routes, source, None, [NS, "ops"])  # type: ignore[arg-type]
+    feed._resync(NS, [_config("a", login_secret="login-a")])
+    await _settle(feed)
+    assert not feed.synced.is_set()  # "ops" not listed yet: not ready to answer logins
+    feed._resync("ops", [_config("b", login_secret="login-b", namespace="ops")])
+    await _settle(feed)
+    assert feed.synced.is_set()
+    feed._resync(NS, [_config("a", login_secret="login-a")])  # mail's watch re-lists
+    await _settle(feed)
+    assert routes.find("kibana") is not None
+    assert routes.find("grafana") is not None
+    feed._resync("ops", [])
+    await _settle(feed)
+    assert routes.find("kibana") is None
+    assert routes.find("grafana") is not None

@@ -194,6 +194,7 @@ class SmtpOAuthSpec:
             if ref is not None:
                 refs.add((ref.kind, ref.name))
         return refs
+
     relay: RelaySpec | None = None  # None: not relayed (unset, or enabled false)
 
     @property

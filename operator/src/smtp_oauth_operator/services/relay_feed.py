@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -58,7 +59,7 @@ def _secrets_of(body: Mapping[str, Any]) -> set[Key]:
         spec = parse_spec(body.get("spec"))
     except SpecError:
         return set()
-    names = {spec.secret_ref.name}
+    names = {spec.credential_secret} if spec.credential_secret is not None else set()
     if spec.relay is not None:
         names.add(spec.relay.credentials_secret)
     names |= {r.name for r in (spec.identity_ca, spec.smtp_ca) if r is not None and r.kind == "Secret"}
@@ -75,12 +76,30 @@ class RelayFeed:
         self._versions: dict[Key, str] = {}
         self._listed = False
         self.synced = asyncio.Event()  # the first list is in and every route of it built (or failed)
-        self.informers = [
-            Informer(api, CONFIGS, namespaces or None, on_resync=self._resync, on_event=self._event),
-            Informer(
-                api, SECRETS, namespaces or None, on_resync=self._resync_secrets, on_event=self._secret_event
-            ),
-        ]
+        # One informer pair per namespace (or one cluster-wide), as the operator's feed: a namespace the
+        # relay may not read stops only its own watches, and each (re)list speaks only for its scope.
+        scopes: list[str | None] = list(namespaces) if namespaces else [None]
+        self._unlisted: set[str | None] = set(scopes)
+        self.informers: list[Informer] = []
+        for scope in scopes:
+            self.informers.append(
+                Informer(
+                    api,
+                    CONFIGS,
+                    scope,
+                    on_resync=functools.partial(self._resync, scope),
+                    on_event=self._event,
+                )
+            )
+            self.informers.append(
+                Informer(
+                    api,
+                    SECRETS,
+                    scope,
+                    on_resync=functools.partial(self._resync_secrets, scope),
+                    on_event=self._secret_event,
+                )
+            )
 
     async def run(self) -> None:
         runs = [asyncio.create_task(i.run(), name=f"relay informer {i.kind.plural}") for i in self.informers]
@@ -97,13 +116,14 @@ class RelayFeed:
 
     # -- configurations ------------------------------------------------------------------------
 
-    def _resync(self, bodies: list[dict[str, Any]]) -> None:
+    def _resync(self, scope: str | None, bodies: list[dict[str, Any]]) -> None:
         listed = {_key(b): b for b in bodies}
-        for key in [k for k in self.bodies if k not in listed]:
+        for key in [k for k in self.bodies if _within(k, scope) and k not in listed]:
             self._drop(key)
         for key, body in listed.items():
             self._observe(key, body)
-        self._listed = True
+        self._unlisted.discard(scope)
+        self._listed = not self._unlisted
         self._check_synced()
 
     def _check_synced(self) -> None:
@@ -176,11 +196,14 @@ class RelayFeed:
     def _referenced(self, secret: Key) -> list[Key]:
         return [key for key, body in self.bodies.items() if secret in _secrets_of(body)]
 
-    def _resync_secrets(self, objects: list[dict[str, Any]]) -> None:
+    def _resync_secrets(self, scope: str | None, objects: list[dict[str, Any]]) -> None:
         seen = {_key(o): str((o.get("metadata") or {}).get("resourceVersion") or "") for o in objects}
-        changed = {k for k, v in self._versions.items() if seen.get(k) != v}
-        changed |= {k for k in seen if k not in self._versions}
-        self._versions = seen
+        before = {k: v for k, v in self._versions.items() if _within(k, scope)}
+        changed = {k for k, v in before.items() if seen.get(k) != v}
+        changed |= {k for k in seen if k not in before}
+        for key in before:
+            del self._versions[key]
+        self._versions.update(seen)
         for secret in changed:
             for key in self._referenced(secret):
                 self._rebuild(key)
@@ -193,6 +216,10 @@ class RelayFeed:
             self._versions[secret] = str((obj.get("metadata") or {}).get("resourceVersion") or "")
         for key in self._referenced(secret):
             self._rebuild(key)
+
+
+def _within(key: Key, scope: str | None) -> bool:
+    return scope is None or key[0] == scope
 
 
 def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
