@@ -95,7 +95,12 @@ def wait_until(
 
 @pytest.fixture(scope="session")
 def crds(control_plane: ControlPlane) -> str:
-    control_plane.kubectl("apply", "-f", str(REPO_ROOT / "crds"))
+    return install_crds(control_plane)
+
+
+def install_crds(control_plane: ControlPlane, *extra: Path) -> str:
+    """The CRDs of crds/ (and ``extra`` manifests), established, in discovery and in OpenAPI."""
+    control_plane.kubectl("apply", "-f", str(REPO_ROOT / "crds"), *(a for e in extra for a in ("-f", str(e))))
     control_plane.kubectl(
         "wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s", timeout=90
     )
@@ -505,14 +510,28 @@ class Namespace:
         return self.event_reasons(name).count(reason)
 
 
-def _ns_name(request: pytest.FixtureRequest) -> str:
+def ns_name(request: pytest.FixtureRequest) -> str:
     base = _SAFE.sub("-", request.node.name.lower().removeprefix("test_"))[:40].strip("-")
     return f"e2e-{base}-{uuid.uuid4().hex[:5]}"
 
 
+@contextlib.contextmanager
+def own_control_plane(k8s_bin_dir: Path, *extra_crds: Path) -> Iterator[ControlPlane]:
+    """A control plane of a module's own, CRDs installed: for tests that run operators of their own,
+    which the session's ``-A`` operator on the shared plane would otherwise compete with (two testers,
+    two alarm e-mails)."""
+    with ControlPlane(k8s_bin_dir) as cp:
+        install_crds(cp, *extra_crds)
+        yield cp
+
+
 @pytest.fixture
 def ns(control_plane: ControlPlane, crds: str, dev: Dev, request: pytest.FixtureRequest) -> Namespace:
-    name = _ns_name(request)
+    return new_namespace(control_plane, dev, ns_name(request))
+
+
+def new_namespace(control_plane: ControlPlane, dev: Dev, name: str) -> Namespace:
+    """A fresh namespace holding the dev CA in ConfigMap ``dev-ca`` (key ``ca.pem``)."""
     control_plane.kubectl("create", "namespace", name)
     namespace = Namespace(control_plane, name, dev)
     namespace.apply(
