@@ -545,6 +545,18 @@ class ControlPlane:
     def is_running(self) -> bool:
         return bool(self._procs) and all(p.poll() is None for p in self._procs.values())
 
+    def restart_etcd(self, down: float = 0.0) -> None:
+        """Stop etcd, wait ``down`` seconds, start it again on the same ports with the same data."""
+        with self._lock:
+            if "etcd" not in self._procs:
+                raise ControlPlaneError("etcd is not running")
+            self._stop_proc("etcd")
+            for port in (self.etcd_client_port, self.etcd_peer_port):
+                assert port is not None
+                _wait_port_free(port, 15.0)
+            time.sleep(down)
+            self._start_etcd()
+
     # ---------------------------------------------------------------- ServiceAccount tokens
     def token_for(self, namespace: str, service_account: str, duration: int = 3600) -> str:
         """A TokenRequest token for an existing ServiceAccount (via ``kubectl create token``)."""

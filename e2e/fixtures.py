@@ -304,6 +304,14 @@ class OperatorProcess:
             os.killpg(proc.pid, signal.SIGKILL)
         return proc.returncode
 
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer or a lost node would: no cleanup, no peering goodbye."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
     def restart(self) -> None:
         self.check_alive()
         rc = self.stop()
