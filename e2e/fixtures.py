@@ -31,6 +31,7 @@ import re
 import secrets
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -48,17 +49,29 @@ from smtp_oauth_operator.testing.devservers import DEFAULT_MAILBOX, DevServers
 __all__ = [
     "CRD_NAME",
     "MAILBOX",
-    "OPERATOR_BIN",
+    "OPERATOR_CMD",
     "App",
     "Dev",
     "Namespace",
     "OperatorProcess",
+    "operator_env",
     "wait_until",
 ]
 
 CRD_NAME = "smtpoauthconfigs.smtpoauth.dev"
 MAILBOX = DEFAULT_MAILBOX
-OPERATOR_BIN = REPO_ROOT / ".venv" / "bin" / "smtp-oauth-operator"
+# The operator runs from the interpreter running the tests (any venv, tox, CI image), not from a fixed
+# .venv: the package's ``__main__`` is the console script without depending on where it was installed.
+OPERATOR_CMD: tuple[str, ...] = (sys.executable, "-m", "smtp_oauth_operator")
+
+
+def operator_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with this checkout's sources importable, also when the package is not installed."""
+    src = str(REPO_ROOT / "operator" / "src")
+    paths = [src, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != src]]
+    return {**env, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 STARTED_LINE = "smtp-oauth-operator started"
 
 
@@ -82,7 +95,12 @@ def wait_until(
 
 @pytest.fixture(scope="session")
 def crds(control_plane: ControlPlane) -> str:
-    control_plane.kubectl("apply", "-f", str(REPO_ROOT / "crds"))
+    return install_crds(control_plane)
+
+
+def install_crds(control_plane: ControlPlane, *extra: Path) -> str:
+    """The CRDs of crds/ (and ``extra`` manifests), established, in discovery and in OpenAPI."""
+    control_plane.kubectl("apply", "-f", str(REPO_ROOT / "crds"), *(a for e in extra for a in ("-f", str(e))))
     control_plane.kubectl(
         "wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s", timeout=90
     )
@@ -214,13 +232,13 @@ class OperatorProcess:
     def start(self, timeout: float = 60.0) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
-        env = self.control_plane.env(self.kubeconfig)
+        env = operator_env(self.control_plane.env(self.kubeconfig))
         env["PYTHONUNBUFFERED"] = "1"
         # The fake servers' CA is given per resource (caBundle); nothing from the environment applies.
         for var in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "HTTPS_PROXY", "HTTP_PROXY", "https_proxy"):
             env.pop(var, None)
         cmd = [
-            str(OPERATOR_BIN),
+            *OPERATOR_CMD,
             "run",
             *self.args,
             "--log-level",
@@ -500,14 +518,28 @@ class Namespace:
         return self.event_reasons(name).count(reason)
 
 
-def _ns_name(request: pytest.FixtureRequest) -> str:
+def ns_name(request: pytest.FixtureRequest) -> str:
     base = _SAFE.sub("-", request.node.name.lower().removeprefix("test_"))[:40].strip("-")
     return f"e2e-{base}-{uuid.uuid4().hex[:5]}"
 
 
+@contextlib.contextmanager
+def own_control_plane(k8s_bin_dir: Path, *extra_crds: Path) -> Iterator[ControlPlane]:
+    """A control plane of a module's own, CRDs installed: for tests that run operators of their own,
+    which the session's ``-A`` operator on the shared plane would otherwise compete with (two testers,
+    two alarm e-mails)."""
+    with ControlPlane(k8s_bin_dir) as cp:
+        install_crds(cp, *extra_crds)
+        yield cp
+
+
 @pytest.fixture
 def ns(control_plane: ControlPlane, crds: str, dev: Dev, request: pytest.FixtureRequest) -> Namespace:
-    name = _ns_name(request)
+    return new_namespace(control_plane, dev, ns_name(request))
+
+
+def new_namespace(control_plane: ControlPlane, dev: Dev, name: str) -> Namespace:
+    """A fresh namespace holding the dev CA in ConfigMap ``dev-ca`` (key ``ca.pem``)."""
     control_plane.kubectl("create", "namespace", name)
     namespace = Namespace(control_plane, name, dev)
     namespace.apply(

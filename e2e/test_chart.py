@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 import yaml
 from e2e.controlplane import REPO_ROOT, ControlPlane, free_port
+from e2e.fixtures import OPERATOR_CMD, operator_env
 
 from smtp_oauth_operator.testing.devservers import DevServers
 
@@ -38,7 +39,6 @@ pytestmark = pytest.mark.e2e
 
 CHART = REPO_ROOT / "charts" / "smtp-oauth-operator"
 TESTDATA = Path(__file__).resolve().parent / "testdata"
-OPERATOR_BIN = REPO_ROOT / ".venv" / "bin" / "smtp-oauth-operator"
 CRD_NAME = "smtpoauthconfigs.smtpoauth.dev"
 CLIENT_SECRET = "chart-e2e~CANARY.client-secret_0123456789"
 
@@ -80,6 +80,9 @@ NAMESPACED_RULES = {
     ("", "configmaps", "watch"),
     ("", "events", "create"),
 }
+# Granted for workload identity federation (rbac.serviceAccountTokens, on by default); used only by
+# resources with spec.identity.workloadIdentity.serviceAccountName.
+TOKEN_REQUEST_RULE = ("", "serviceaccounts/token", "create")
 CLUSTER_ONLY_RULES = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
@@ -184,11 +187,11 @@ class Operator:
         self.health_port = free_port()
         self.log_path = plane.tmp / f"{name}.log"
         self._log = self.log_path.open("wb")
-        env = {k: v for k, v in os.environ.items() if k not in {"HTTPS_PROXY", "https_proxy"}}
+        env = operator_env({k: v for k, v in os.environ.items() if k not in {"HTTPS_PROXY", "https_proxy"}})
         env["KUBECONFIG"] = str(kubeconfig)
         self.proc = subprocess.Popen(
             [
-                str(OPERATOR_BIN),
+                *OPERATOR_CMD,
                 "run",
                 *args,
                 "--log-level=debug",
@@ -516,7 +519,7 @@ def test_defaults_render_a_safe_standalone_operator_accepted_by_the_api_server(p
 
     roles = {r["metadata"]["name"]: r for r in _by_kind(docs, "ClusterRole")}
     operator_role = roles["smtp-smtp-oauth-operator"]
-    assert _rules(operator_role) == NAMESPACED_RULES | CLUSTER_ONLY_RULES
+    assert _rules(operator_role) == NAMESPACED_RULES | CLUSTER_ONLY_RULES | {TOKEN_REQUEST_RULE}
     assert not [r for r in operator_role["rules"] if r.get("resourceNames")]
     view = roles["smtp-smtp-oauth-operator-view"]
     assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
@@ -586,6 +589,7 @@ def test_everything_on_renders_objects_accepted_by_the_api_server(plane: Plane) 
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
         assert _rules(role) == NAMESPACED_RULES | {
+            TOKEN_REQUEST_RULE,
             ("kopf.dev", "kopfpeerings", "list"),
             ("kopf.dev", "kopfpeerings", "watch"),
         }
@@ -598,6 +602,10 @@ def test_everything_on_renders_objects_accepted_by_the_api_server(plane: Plane) 
         }
     peerings = _by_kind(docs, "KopfPeering")
     assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
+
+    # Workload identity federation's TokenRequest can be turned off.
+    without = plane.template("smtp", "chart-all", "--set", "rbac.serviceAccountTokens=false")
+    assert [r for r in _by_kind(without, "ClusterRole") if TOKEN_REQUEST_RULE in _rules(r)] == []
 
     (rule,) = _by_kind(docs, "PrometheusRule")
     alerts = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
@@ -728,7 +736,9 @@ def test_cluster_wide_rbac_is_sufficient_and_is_exactly_what_the_operator_uses(
     role = plane.get_json("clusterrole", "rbac-smtp-oauth-operator")
     granted = _rules(role)
     assert used <= granted
-    assert granted - used == set(), f"granted but never used: {granted - used}"
+    # TokenRequest is granted for workload identity federation, which this sample does not use
+    # (e2e/test_credentials.py exercises it and its denial).
+    assert granted - used - {TOKEN_REQUEST_RULE} == set(), f"granted but never used: {granted - used}"
     assert "Forbidden" not in operator.log
     assert CLIENT_SECRET not in operator.log
 
@@ -886,8 +896,8 @@ def test_extra_ca_bundle_is_trusted_through_ssl_cert_file(plane: Plane, dev_serv
 
     def check(env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(OPERATOR_BIN), "check", "-f", str(manifests), "-o", "json"],
-            env={**os.environ, **env}, capture_output=True, text=True, timeout=120, check=False,
+            [*OPERATOR_CMD, "check", "-f", str(manifests), "-o", "json"],
+            env=operator_env({**os.environ, **env}), capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
 
     untrusted = check({})
@@ -896,3 +906,99 @@ def test_extra_ca_bundle_is_trusted_through_ssl_cert_file(plane: Plane, dev_serv
     trusted = check({"SSL_CERT_FILE": str(combined), "REQUESTS_CA_BUNDLE": str(combined)})
     assert trusted.returncode == 0, trusted.stdout + trusted.stderr
     assert json.loads(trusted.stdout)[0]["ready"] is True
+
+
+# --------------------------------------------------------------------------------------------
+# the relay: its own read-only RBAC is sufficient and exactly what it uses; the generated certificate
+
+
+def test_relay_rbac_is_read_only_sufficient_and_exactly_what_the_relay_uses(
+    plane: Plane, dev_servers: DevServers, crd_installed: None, run_operator: Any
+) -> None:
+    import base64  # noqa: PLC0415
+    import smtplib  # noqa: PLC0415
+
+    release, namespace, watched = "relay", "chart-relay", "chart-relay-mail"
+    plane.ensure_namespace(watched)
+    plane.helm("install", release, str(CHART), "-n", namespace, "--create-namespace",
+               "--set", "crds.enabled=false", "--set", "relay.enabled=true")  # fmt: skip
+    run_operator(namespace, "relay-smtp-oauth-operator", ["--all-namespaces"], "relay-operator")
+
+    relay_sa = "relay-smtp-oauth-operator-relay"
+    # The generated certificate: a kubernetes.io/tls Secret whose ca.crt is what clients trust.
+    tls = plane.get_json("secret", f"{relay_sa}-tls", "-n", namespace)
+    assert tls["type"] == "kubernetes.io/tls"
+    files = {k: base64.b64decode(v).decode() for k, v in tls["data"].items()}
+    for key in ("tls.crt", "tls.key", "ca.crt"):
+        (plane.tmp / f"relay-{key}").write_text(files[key])
+    # A second upgrade keeps it (lookup), so clients' trust does not break.
+    plane.helm("upgrade", release, str(CHART), "-n", namespace,
+               "--set", "crds.enabled=false", "--set", "relay.enabled=true")  # fmt: skip
+    assert plane.get_json("secret", f"{relay_sa}-tls", "-n", namespace)["data"] == tls["data"]
+
+    password = "chart-e2e~RELAY.password_0123456789"
+    items = _sample_items(dev_servers, watched)
+    items[-1]["spec"]["relay"] = {"enabled": True, "credentialsSecretRef": {"name": "mail-relay"}}
+    items.insert(
+        0,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/basic-auth",
+            "metadata": {"name": "mail-relay", "namespace": watched},
+            "stringData": {"username": "grafana", "password": password},
+        },
+    )
+    plane.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    wait = plane.kubectl(
+        "wait", "--for=condition=Ready", "smtpoauthconfig/mail", "-n", watched, "--timeout=90s", check=False
+    )
+    assert wait.returncode == 0, wait.stderr
+
+    token = plane.cp.token_for(namespace, relay_sa, duration=3600)
+    kubeconfig = plane.cp.kubeconfig_for_token(token, plane.tmp / "relay.kubeconfig")
+    port = free_port()
+    log_path = plane.tmp / "relay.log"
+    env = operator_env({k: v for k, v in os.environ.items() if k not in {"HTTPS_PROXY", "https_proxy"}})
+    env["KUBECONFIG"] = str(kubeconfig)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*OPERATOR_CMD, "relay", "--listen", "127.0.0.1", f"--port={port}",
+             f"--tls-cert={plane.tmp / 'relay-tls.crt'}", f"--tls-key={plane.tmp / 'relay-tls.key'}",
+             "--log-level=debug"],
+            env=env, cwd=plane.tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        context = ssl.create_default_context(cafile=str(plane.tmp / "relay-ca.crt"))
+        context.check_hostname = False  # the certificate names the Service; the chain is what is checked
+        deadline = time.monotonic() + 60
+        code = 0
+        while code != 235:
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, f"the relay never served mail/mail:\n{log_path.read_text()}"
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                    smtp.starttls(context=context)
+                    code = smtp.login("grafana", password)[0]
+                    smtp.sendmail(dev_servers.endpoints.mailbox, ["ops@contoso.com"],
+                                  f"From: {dev_servers.endpoints.mailbox}\r\nSubject: chart relay\r\n\r\nhi\r\n")  # fmt: skip
+            except (OSError, smtplib.SMTPException):
+                time.sleep(0.5)
+        assert any(m.message["Subject"] == "chart relay" for m in dev_servers.exchange.messages)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=40)
+    assert proc.returncode == 0
+    out = log_path.read_text()
+    assert password not in out
+    assert CLIENT_SECRET not in out
+
+    calls = _calls(plane.audit(f"system:serviceaccount:{namespace}:{relay_sa}"))
+    assert calls, "no audited calls from the relay"
+    denied = [c for c in calls if c[4] == 403]
+    assert not denied, f"the relay's RBAC denied: {denied}"
+    used = {(g, r, v) for g, r, v, _, _ in calls}
+    granted = _rules(plane.get_json("clusterrole", relay_sa))
+    assert used <= granted
+    assert granted - used == set(), f"granted but never used: {granted - used}"
+    assert not {v for _, _, v in granted} - {"get", "list", "watch"}  # read-only

@@ -15,13 +15,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from e2e.controlplane import REPO_ROOT, ControlPlane, free_port
-from e2e.fixtures import Dev, Namespace, wait_until
+from e2e.fixtures import Dev, Namespace, new_namespace, ns_name, own_control_plane, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -95,8 +96,20 @@ class Operator:
                 self.proc.wait(timeout=10)
 
 
+@pytest.fixture(scope="module")
+def plane(k8s_bin_dir: Path) -> Iterator[ControlPlane]:
+    # Not the session's plane: its `-A` operator would test (and alarm) these resources too.
+    with own_control_plane(k8s_bin_dir) as cp:
+        yield cp
+
+
 @pytest.fixture
-def operator_as_sa(control_plane: ControlPlane, ns: Namespace, tmp_path: Path) -> Any:
+def ns(plane: ControlPlane, dev: Dev, request: pytest.FixtureRequest) -> Namespace:
+    return new_namespace(plane, dev, ns_name(request))
+
+
+@pytest.fixture
+def operator_as_sa(plane: ControlPlane, ns: Namespace, tmp_path: Path) -> Any:
     started: list[Operator] = []
 
     def start(rules: list[dict[str, Any]]) -> Operator:
@@ -118,7 +131,7 @@ def operator_as_sa(control_plane: ControlPlane, ns: Namespace, tmp_path: Path) -
                 },
             ]
         )
-        operator = Operator(control_plane, ns, tmp_path)
+        operator = Operator(plane, ns, tmp_path)
         started.append(operator)
         return operator
 

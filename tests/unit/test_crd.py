@@ -209,6 +209,7 @@ def test_status_fields() -> None:
         "alarmHistory": "array",
         "observedFingerprint": "string",
         "handledRecheck": "string",
+        "clientCertificate": "object",
     }
     assert {k: v["type"] for k, v in props.items()} == expected
     for name in ("lastTestTime", "nextTestTime", "clientSecretExpiresAt"):
@@ -232,6 +233,7 @@ def test_printer_columns() -> None:
         ("Username", "string", ".spec.username", 1),
         ("SMTP", "string", ".status.smtpEndpoint", 1),
         ("Last Test", "date", ".status.lastTestTime", 1),
+        ("Relay", "boolean", ".spec.relay.enabled", 1),
         ("Message", "string", f"{ready}.message", 1),
     ]
 
@@ -243,7 +245,9 @@ def test_printer_columns() -> None:
 def test_required_fields() -> None:
     assert SCHEMA["required"] == ["spec"]
     assert SPEC_SCHEMA["required"] == ["username", "identity"]
-    assert at("identity")["required"] == ["tenantId", "clientId", "clientSecret"]
+    assert at("identity")["required"] == ["tenantId", "clientId"]
+    assert at("identity.clientCertificate")["required"] == ["secretRef"]
+    assert at("identity.clientCertificate.secretRef")["required"] == ["name"]
     assert at("identity.clientSecret")["required"] == ["secretKeyRef"]
     assert at("identity.clientSecret.secretKeyRef")["required"] == ["name", "key"]
 
@@ -325,16 +329,21 @@ def test_enums_equal_parser_values(path: str, expected: list[str]) -> None:
         ("smtp.port", 1, 65535),
         ("smtp.connectionTimeoutSeconds", 1, 300),
         ("identity.timeoutSeconds", 1, 300),
+        ("relay.messagesPerMinute", 1, 10_000),
+        ("relay.recipientsPerDay", 1, 1_000_000),
     ],
 )
 def test_integer_bounds_agree(path: str, lo: int, hi: int) -> None:
     node = at(path)
+    base = None
+    if path.startswith("relay."):
+        base = with_value("relay", {"enabled": True, "credentialsSecretRef": {"name": "alerts-relay"}})
     assert (node["minimum"], node["maximum"]) == (lo, hi)
-    parse_spec(with_value(path, lo))
-    parse_spec(with_value(path, hi))
+    parse_spec(with_value(path, lo, base))
+    parse_spec(with_value(path, hi, base))
     for bad in (lo - 1, hi + 1):
         with pytest.raises(SpecError) as err:
-            parse_spec(with_value(path, bad))
+            parse_spec(with_value(path, bad, base))
         assert err.value.field == path
 
 
@@ -366,7 +375,9 @@ REGEX_CASES: list[tuple[str, str, bool]] = [
     ("identity.authorityHost", "http://login.microsoftonline.com", False),
     ("identity.authorityHost", "https://", False),
     ("proxy.url", "http://proxy.corp:3128", True),
-    ("proxy.url", "https://proxy.corp:3128/", True),
+    ("proxy.url", "http://proxy.corp:3128/", True),
+    ("proxy.url", "http://user:p%40ss@proxy.corp:3128", True),
+    ("proxy.url", "https://proxy.corp:3128/", False),
     ("proxy.url", "socks5://proxy.corp:1080", False),
     ("proxy.url", "http://proxy.corp:3128/path", False),
     ("testMessage.to", "ops@contoso.com", True),
@@ -467,6 +478,117 @@ def test_valid_full_sets_every_field() -> None:
         "smtp.caBundle.secretKeyRef",
         "identity.caBundle.configMapKeyRef",
         "identity.clientSecret.expiresAtKey",
+        # One credential kind per resource: valid-full shows clientSecret.
+        "identity.clientCertificate",
+        "identity.workloadIdentity",
     }
     unset = {p for p in schema_paths - paths(config["spec"]) if not any(p.startswith(e) for e in either_or)}
     assert not unset
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Credential kinds
+
+
+CERTIFICATE = {"clientCertificate": {"secretRef": {"name": "exo-app-cert"}}}
+WORKLOAD = {"workloadIdentity": {"serviceAccountName": "mail-sender"}}
+
+
+def _identity(**credential: Any) -> dict[str, Any]:
+    spec = copy.deepcopy(MINIMAL)
+    del spec["identity"]["clientSecret"]
+    spec["identity"].update(credential)
+    return spec
+
+
+def test_exactly_one_credential_rule_is_in_the_crd() -> None:
+    (rule,) = cel_rules(at("identity"))
+    for name in ("clientSecret", "clientCertificate", "workloadIdentity"):
+        assert f"has(self.{name})" in rule["rule"]
+    assert "== 1" in rule["rule"]
+
+
+def test_certificate_and_workload_identity_parse() -> None:
+    cert = parse_spec(_identity(**CERTIFICATE))
+    assert cert.credential_kind == "ClientCertificate"
+    assert cert.secret_ref is None
+    assert cert.client_certificate is not None
+    assert (
+        cert.client_certificate.send_certificate_chain
+        is at("identity.clientCertificate.sendCertificateChain")["default"]
+    )
+    assert cert.referenced_objects() == {("Secret", "exo-app-cert")}
+    wi = parse_spec(_identity(**WORKLOAD))
+    assert wi.credential_kind == "WorkloadIdentity"
+    assert wi.referenced_objects() == set()
+    assert wi.workload_identity is not None
+    assert wi.workload_identity.subject("mail") == "system:serviceaccount:mail:mail-sender"
+    own = parse_spec(_identity(workloadIdentity={"useOperatorIdentity": True}))
+    assert own.workload_identity is not None
+    assert own.workload_identity.use_operator_identity
+    assert own.workload_identity.service_account is None
+
+
+def test_audience_is_derived_per_cloud_and_documented() -> None:
+    description = " ".join(at("identity.workloadIdentity.audience")["description"].split())
+    assert "default" not in at("identity.workloadIdentity.audience")
+    for name, cloud in CLOUDS.items():
+        assert f"{name} {cloud.federation_audience}" in description
+        spec = _identity(**WORKLOAD)
+        spec["identity"]["cloud"] = name
+        parsed = parse_spec(spec)
+        assert parsed.workload_identity is not None
+        assert parsed.workload_identity.audience == cloud.federation_audience
+
+
+def test_secret_spec_references_secret_and_bundles() -> None:
+    spec = with_value("identity.caBundle", {"configMapKeyRef": {"name": "trust", "key": "ca.pem"}})
+    assert parse_spec(spec).referenced_objects() == {("Secret", "exo-app"), ("ConfigMap", "trust")}
+
+
+@pytest.mark.parametrize("name", ["valid-certificate.yaml", "valid-workload-identity.yaml"])
+def test_credential_samples_parse(name: str) -> None:
+    (config,) = [d for d in _manifests(name) if d["kind"] == KIND]
+    spec = parse_spec(config["spec"])
+    assert spec.credential_kind in {"ClientCertificate", "WorkloadIdentity"}
+    assert parse_spec(apply_defaults(config["spec"], SPEC_SCHEMA)) == spec
+
+
+# spec.relay
+
+
+RELAYED = with_value("relay", {"enabled": True, "credentialsSecretRef": {"name": "alerts-relay"}})
+
+
+def test_relay_defaults_and_derived_senders() -> None:
+    assert parse_spec(MINIMAL).relay is None
+    assert parse_spec(with_value("relay", {"enabled": False})).relay is None
+    relay = parse_spec(RELAYED).relay
+    assert relay is not None
+    assert relay.credentials_secret == "alerts-relay"
+    assert relay.allowed_senders == (MINIMAL["username"],)
+    assert relay.messages_per_minute == at("relay.messagesPerMinute")["default"] == 30
+    assert relay.recipients_per_day == at("relay.recipientsPerDay")["default"] == 10_000
+    assert at("relay.enabled")["default"] is False
+    assert "default" not in at("relay.allowedSenders")
+    assert "derived" in at("relay.allowedSenders")["description"]
+    assert relay.allows(MINIMAL["username"].upper())
+    assert not relay.allows("other@contoso.com")
+    assert parse_spec(apply_defaults(RELAYED, SPEC_SCHEMA)) == parse_spec(RELAYED)
+
+
+def test_relay_rules_agree() -> None:
+    rules = cel_rules(at("relay"))
+    assert [r["fieldPath"] for r in rules] == [".credentialsSecretRef"]
+    with pytest.raises(SpecError) as err:
+        parse_spec(with_value("relay", {"enabled": True}))
+    assert err.value.field == "relay.credentialsSecretRef"
+    senders = at("relay.allowedSenders")
+    assert (senders["minItems"], senders["maxItems"]) == (1, 20)
+    for bad in ([], [f"a{i}@contoso.com" for i in range(21)], ["alerts"]):
+        with pytest.raises(SpecError) as err:
+            parse_spec(with_value("relay.allowedSenders", bad, RELAYED))
+        assert err.value.field == "relay.allowedSenders"
+    (pattern,) = regexes(cel_rules(senders["items"])[0]["rule"])
+    assert re.search(pattern, "alerts@contoso.com")
+    assert not re.search(pattern, "alerts")

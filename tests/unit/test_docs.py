@@ -23,6 +23,9 @@ EVENTS = {
     "ClientSecretExpiringSoon": "Warning",
     "ClientSecretExpired": "Warning",
     "ClientSecretRotated": "Normal",
+    "ClientCertificateExpiringSoon": "Warning",
+    "ClientCertificateExpired": "Warning",
+    "ClientCertificateRotated": "Normal",
     "AlarmNotificationFailed": "Warning",
     "SecretNotProtected": "Warning",
 }

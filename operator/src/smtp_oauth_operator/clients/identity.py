@@ -14,11 +14,18 @@ black-holed identity provider holds those threads only, never the ones the Kuber
 ``requests.Session`` with ``trust_env=False``: otherwise the ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``
 variables silently override the CA bundle we pass, and ``HTTPS_PROXY`` overrides ``spec.proxy``.
 A response hook records each HTTP status and ``Retry-After``, which MSAL's result does not carry.
+
+Three credentials reach MSAL here: a client secret; a certificate (MSAL's ``private_key`` +
+``public_certificate`` form, which signs PS256 with the SHA-256 thumbprint); and a federated
+assertion, a callable MSAL calls only for a network token request, so each request presents a fresh
+ServiceAccount token. An application is keyed by the credential's identity (a digest, a thumbprint, a
+ServiceAccount name), never by the secret itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import hashlib
 import json
@@ -36,10 +43,11 @@ from urllib.parse import urlsplit
 import msal
 import requests
 
+from smtp_oauth_operator.domain.credentials import CertificateCredential
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
-from smtp_oauth_operator.domain.redact import quote_reply
+from smtp_oauth_operator.domain.redact import proxy_address, proxy_secrets, quote_reply
 
-__all__ = ["AccessToken", "TokenProvider", "TokenRequest"]
+__all__ = ["AccessToken", "FederatedAssertion", "TokenProvider", "TokenRequest"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +59,15 @@ _CODES: dict[int, Reason] = {
     700016: Reason.APPLICATION_NOT_FOUND,
     7000215: Reason.INVALID_CLIENT_SECRET,
     7000222: Reason.CLIENT_SECRET_EXPIRED,
+    700027: Reason.CERTIFICATE_NOT_REGISTERED,
+    700024: Reason.CLOCK_SKEW,
+    70021: Reason.FEDERATED_CREDENTIAL_MISMATCH,
+    700211: Reason.FEDERATED_CREDENTIAL_MISMATCH,
+    700212: Reason.FEDERATED_CREDENTIAL_MISMATCH,
+    700213: Reason.FEDERATED_CREDENTIAL_MISMATCH,
+    7002137: Reason.FEDERATED_CREDENTIAL_MISMATCH,
+    7002138: Reason.FEDERATED_CREDENTIAL_MISMATCH,
+    50166: Reason.ISSUER_UNREACHABLE,
     70011: Reason.INVALID_SCOPE,
     1002012: Reason.INVALID_SCOPE,
     500011: Reason.INVALID_SCOPE,
@@ -70,6 +87,20 @@ TOKEN_THREADS_PER_PEER = 4
 
 
 @dataclass(frozen=True, slots=True)
+class FederatedAssertion:
+    """Where a federated client assertion (a ServiceAccount token) comes from.
+
+    ``identity`` names the source without any secret (``serviceaccount:mail/mail-sender aud=…`` or
+    ``file:/var/run/…``) and is part of the application cache key; ``fetch`` returns a fresh token and
+    is called by MSAL only when it makes a network token request. It may raise CheckFailed (the
+    ServiceAccount is missing, the TokenRequest is forbidden).
+    """
+
+    identity: str
+    fetch: Callable[[], str] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
 class TokenRequest:
     """Everything needed to ask for a token. ``client_secret`` never appears in ``repr``."""
 
@@ -79,8 +110,11 @@ class TokenRequest:
     scope: str
     client_secret: str = field(repr=False)
     ca_pem: str | None = None
-    proxy_url: str | None = None
+    proxy_url: str | None = field(default=None, repr=False)  # may carry credentials
     timeout: float = 30.0
+    certificate: CertificateCredential | None = None
+    send_certificate_chain: bool = False
+    assertion: FederatedAssertion | None = None
 
     @property
     def authority(self) -> str:
@@ -90,12 +124,42 @@ class TokenRequest:
     def token_endpoint(self) -> str:
         return f"{self.authority}/oauth2/v2.0/token"
 
+    def credential_id(self) -> str:
+        """Which credential, without holding it: a certificate by its thumbprint, a federated source
+        by its name, a client secret by a digest (a rotation then gets a fresh application, since
+        MSAL caches a 400 for 60 s per application)."""
+        if self.certificate is not None:
+            chain = ":chain" if self.send_certificate_chain else ""
+            return f"cert:{self.certificate.thumbprint_sha256}{chain}"
+        if self.assertion is not None:
+            return f"federated:{self.assertion.identity}"
+        return "secret:" + hashlib.sha256(self.client_secret.encode()).hexdigest()
+
+    def msal_credential(self, presented: dict[str, str]) -> str | dict[str, Any]:
+        """MSAL's ``client_credential``; a federated assertion's claims are noted in ``presented``."""
+        if self.certificate is not None:
+            # With public_certificate and no SHA-1 "thumbprint", MSAL (>= 1.35) signs PS256 with an
+            # x5t#S256 header, the modern form, and sends the given certificates as x5c.
+            public = self.certificate.chain_pem if self.send_certificate_chain else self.certificate.leaf_pem
+            return {"private_key": self.certificate.private_key_pem, "public_certificate": public}
+        if self.assertion is not None:
+            return {"client_assertion": functools.partial(_present, self.assertion.fetch, presented)}
+        return self.client_secret
+
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never be quoted back (the key, the secret, a proxy's credentials)."""
+        proxy = proxy_secrets(self.proxy_url)
+        if self.certificate is not None:
+            return (self.certificate.private_key_pem, *proxy)
+        return (self.client_secret, *proxy) if self.client_secret else proxy
+
     def cache_key(self) -> tuple[str, ...]:
-        # The secret enters the key only as a digest, so a rotated secret gets a fresh application
-        # (MSAL caches a 400 for 60 s per application) while the key itself is harmless to hold.
-        digest = hashlib.sha256(self.client_secret.encode()).hexdigest()
+        # The credential (and a proxy URL's credentials) enter the key only as digests or names, so a
+        # rotated credential gets a fresh application while the key itself is harmless to hold.
+        digest = self.credential_id()
         ca = hashlib.sha256(self.ca_pem.encode()).hexdigest() if self.ca_pem else ""
-        return (self.authority, self.client_id, digest, ca, self.proxy_url or "", str(self.timeout))
+        proxy = hashlib.sha256(self.proxy_url.encode()).hexdigest() if self.proxy_url else ""
+        return (self.authority, self.client_id, digest, ca, proxy, str(self.timeout))
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +197,7 @@ class _App:
         self.session = session
         self.msal: msal.ConfidentialClientApplication | None = None
         self.request = request
+        self.presented: dict[str, str] = {}  # claims of the last federated assertion (no signature)
 
     def _record(self, response: requests.Response, *_: Any, **__: Any) -> None:
         http: _Http = self.http
@@ -326,13 +391,14 @@ class TokenProvider:
     def _acquire_sync(self, app: _App, request: TokenRequest) -> AccessToken:
         http = app.http
         http.status = http.retry_after = http.url = None
-        secrets = (request.client_secret,)
+        secrets = request.secrets()
         host = urlsplit(request.authority_host).netloc
+        proxy = proxy_address(request.proxy_url)
         try:
             if app.msal is None:
                 app.msal = msal.ConfidentialClientApplication(
                     request.client_id,
-                    client_credential=request.client_secret,
+                    client_credential=request.msal_credential(app.presented),
                     authority=request.authority,
                     http_client=app.session,
                     instance_discovery=False,
@@ -351,12 +417,11 @@ class TokenProvider:
             self._on_request(Reason.IDENTITY_PROVIDER_UNREACHABLE)
             raise CheckFailed(
                 Reason.IDENTITY_PROVIDER_UNREACHABLE,
-                f"the proxy {urlsplit(request.proxy_url or '').netloc} did not connect us to {host} "
-                f"({_short(exc, secrets)})",
+                f"the proxy {proxy} did not connect us to {host} ({_short(exc, secrets)})",
             ) from None
         except requests.exceptions.Timeout:
             self._on_request(Reason.IDENTITY_PROVIDER_UNREACHABLE)
-            via = f" through the proxy {urlsplit(request.proxy_url).netloc}" if request.proxy_url else ""
+            via = f" through the proxy {proxy}" if proxy else ""
             raise CheckFailed(
                 Reason.IDENTITY_PROVIDER_UNREACHABLE,
                 f"no answer from the identity provider {host}{via} within {request.timeout:g} s",
@@ -426,10 +491,81 @@ class TokenProvider:
         error = str(result.get("error", "unknown_error"))
         reason = _CODES.get(code) if code is not None else None
         reason = reason or _ERRORS.get(error, Reason.UNEXPECTED_RESPONSE)
+        reason = _for_credential(reason, code, request)
         self._on_request(reason)
         description = str(result.get("error_description", "")).split("\r\n")[0].split("\n")[0]
-        detail = quote_reply(description, (request.client_secret,)) or error
+        detail = quote_reply(description, request.secrets()) or error
+        if reason is Reason.FEDERATED_CREDENTIAL_MISMATCH:
+            return CheckFailed(reason, _mismatch(code, app.presented, detail), condition=_T)
+        if reason is Reason.CERTIFICATE_NOT_REGISTERED and request.certificate is not None:
+            detail = (
+                f"certificate {request.certificate.thumbprint_sha256} (SHA-1 "
+                f"{request.certificate.thumbprint_sha1}) is not registered on app {request.client_id}: {detail}"
+            )
         return CheckFailed(reason, f"Entra ID refused the token request: {detail}", condition=_T)
+
+
+def _present(fetch: Callable[[], str], presented: dict[str, str]) -> str:
+    """MSAL's client_assertion callable: a fresh token per network request, its claims noted for
+    the error message (issuer, subject, audience are public facts; the signature is not kept)."""
+    token = fetch()
+    presented.clear()
+    presented.update(_claims(token))
+    return token
+
+
+def _claims(token: str) -> dict[str, str]:
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return {}
+    if not isinstance(claims, dict):
+        return {}
+    out = {k: str(claims[k]) for k in ("iss", "sub") if isinstance(claims.get(k), str)}
+    aud = claims.get("aud")
+    if isinstance(aud, list):
+        aud = " ".join(str(a) for a in aud)
+    if isinstance(aud, str):
+        out["aud"] = aud
+    return {k: v[:256] for k, v in out.items()}
+
+
+# error_codes that name which of the federated credential's fields did not match.
+_MISMATCH_FIELD = {
+    700211: "issuer",
+    700212: "audience",
+    700213: "subject",
+    7002137: "subject",
+    7002138: "subject",
+}
+
+
+def _mismatch(code: int | None, presented: dict[str, str], detail: str) -> str:
+    field_name = _MISMATCH_FIELD.get(code or 0)
+    claim = {"issuer": "iss", "subject": "sub", "audience": "aud"}
+    if field_name is not None and presented.get(claim[field_name]):
+        return (
+            f"no federated credential of the app matches the {field_name} the operator presented, "
+            f"{presented[claim[field_name]]!r} (Entra ID: {detail})"
+        )
+    shown = ", ".join(f"{name} {presented[c]!r}" for name, c in claim.items() if presented.get(c))
+    what = f"; the operator presented {shown}" if shown else ""
+    return f"Entra ID found no matching federated credential{what} (Entra ID: {detail})"
+
+
+def _for_credential(reason: Reason, code: int | None, request: TokenRequest) -> Reason:
+    """The same error means different things for different credentials: ``invalid_client`` is a bad
+    secret for a secret, an unknown certificate for a certificate; a signature Entra ID cannot check
+    is a missing certificate for a certificate, a token from another issuer key for federation."""
+    if request.certificate is not None and reason is Reason.INVALID_CLIENT_SECRET:
+        return Reason.CERTIFICATE_NOT_REGISTERED
+    if request.assertion is not None and reason in {
+        Reason.INVALID_CLIENT_SECRET,
+        Reason.CERTIFICATE_NOT_REGISTERED,
+    }:
+        return Reason.FEDERATED_CREDENTIAL_MISMATCH
+    return reason
 
 
 def _ssl_detail(exc: BaseException) -> str:

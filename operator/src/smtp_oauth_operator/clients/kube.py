@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -36,10 +36,23 @@ logger = logging.getLogger(__name__)
 COMPONENT = "smtp-oauth-operator"
 MAX_EVENT_MESSAGE = 1024
 API_THREADS = 8  # concurrent API calls; each holds one thread and one pooled connection
+MAX_NAME = 253  # a DNS subdomain, what metadata.name of an Event (and of our resource) may be
 
 
 class KubeUnavailable(ConnectionError):
     """The API server failed or could not be reached; retry later."""
+
+
+def event_name(resource_name: str) -> str:
+    """``<resource>.<16 hex>`` as client-go names Events, within the 253 characters a name may have.
+
+    A resource name may itself have 253 characters; the API server refuses a longer Event name (422)
+    and the Event would be lost. The random suffix keeps names unique, so the resource part is cut,
+    without the dot or dash a cut may leave at its end (a name must end alphanumeric).
+    """
+    suffix = uuid.uuid4().hex[:16]
+    prefix = resource_name[: MAX_NAME - len(suffix) - 1].rstrip(".-")
+    return f"{prefix}.{suffix}" if prefix else suffix
 
 
 def _timestamp(moment: datetime | None = None) -> str:
@@ -113,7 +126,55 @@ class Kube:
                     continue  # binary keys cannot be a client secret or a PEM bundle
         else:
             data.update(obj.data or {})
-        return SourceObject(data=data, metadata=metadata)
+        return SourceObject(
+            data=data, metadata=metadata, type=getattr(obj, "type", None) if kind == "Secret" else None
+        )
+
+    async def request_token(
+        self, namespace: str, service_account: str, audience: str, *, seconds: int = 3600
+    ) -> str:
+        """A TokenRequest for the ServiceAccount: bound to ``audience``, valid ``seconds`` (the API
+        server may shorten it, never lengthen it beyond its own maximum)."""
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": [audience], "expirationSeconds": seconds},
+        }
+        what = f"create serviceaccounts/token for {namespace}/{service_account}"
+        try:
+            result = await self._call(
+                what, self.core.create_namespaced_service_account_token, service_account, namespace, body
+            )
+        except CheckFailed as exc:
+            if exc.reason is not Reason.ACCESS_DENIED:
+                raise
+            raise CheckFailed(
+                Reason.TOKEN_REQUEST_DENIED,
+                f"the operator's ServiceAccount may not {what} (HTTP 403 Forbidden)",
+            ) from None
+        if result is None:
+            raise CheckFailed(
+                Reason.SERVICE_ACCOUNT_NOT_FOUND,
+                f"ServiceAccount {namespace}/{service_account} does not exist",
+            )
+        token: str = result.status.token
+        return token
+
+    def assertion_source(self, namespace: str, service_account: str, audience: str) -> Callable[[], str]:
+        """``request_token`` as a blocking function for MSAL's worker thread, run on this loop."""
+        loop = asyncio.get_running_loop()
+
+        def fetch() -> str:
+            future = asyncio.run_coroutine_threadsafe(
+                self.request_token(namespace, service_account, audience), loop
+            )
+            try:
+                return future.result(timeout=60)
+            except TimeoutError:
+                future.cancel()
+                raise KubeUnavailable(f"TokenRequest for {namespace}/{service_account}: no answer") from None
+
+        return fetch
 
     async def patch_status(
         self, namespace: str, name: str, status: Mapping[str, Any]
@@ -143,7 +204,7 @@ class Kube:
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {
-                "name": f"{meta.get('name')}.{uuid.uuid4().hex[:16]}",
+                "name": event_name(str(meta.get("name") or "")),
                 "namespace": meta.get("namespace"),
             },
             "involvedObject": {

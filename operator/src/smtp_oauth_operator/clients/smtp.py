@@ -16,16 +16,37 @@ import functools
 import socket
 import ssl
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
 
-from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
-from smtp_oauth_operator.domain.redact import quote_reply
+# python-socks' HTTP CONNECT connector is driven with our own stream (see _ReplyBoundedStream); its
+# public Proxy class reads past the reply. Pinned below 4 in pyproject.toml; the proxy integration
+# tests exercise this import path.
+from python_socks import ProxyType
+from python_socks._abc import AsyncResolver, AsyncSocketStream
+from python_socks._connectors.factory_async import create_connector
+from python_socks._protocols.errors import ReplyError
 
-__all__ = ["Message", "SmtpResult", "SmtpTarget", "authenticate", "tls_context"]
+from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
+from smtp_oauth_operator.domain.redact import proxy_address, proxy_secrets, quote_reply
+
+__all__ = [
+    "Message",
+    "SmtpResult",
+    "SmtpTarget",
+    "StaleSession",
+    "SubmitFailed",
+    "Upstream",
+    "authenticate",
+    "open_upstream",
+    "send_on",
+    "tls_context",
+]
 
 _M = ConditionType.SMTP_AUTHENTICATED
+_MAX_PROXY_REPLY = 16384
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +56,7 @@ class SmtpTarget:
     implicit_tls: bool
     timeout: float
     ca_pem: str | None = None
-    proxy_url: str | None = None
+    proxy_url: str | None = field(default=None, repr=False)  # may carry credentials
 
     def describe(self) -> str:
         return f"{self.host}:{self.port} ({'ImplicitTLS' if self.implicit_tls else 'StartTLS'})"
@@ -70,48 +91,115 @@ def tls_context(ca_pem: str | None) -> ssl.SSLContext:
     return context
 
 
-def _tunnel(target: SmtpTarget) -> socket.socket:
-    """Blocking HTTP CONNECT handshake (run in a thread); returns the tunnelled socket."""
+class _ProxyResolves(AsyncResolver):
+    """An HTTP proxy resolves the target's name itself; the connector never asks us."""
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_UNSPEC) -> Any:
+        raise NotImplementedError
+
+
+class _ReplyBoundedStream(AsyncSocketStream):
+    """python-socks' stream interface over a non-blocking socket that never reads past the proxy's reply.
+
+    python-socks reads the CONNECT reply with one ``recv(65536)``; the SMTP server speaks first, and its
+    220 greeting often arrives in the same segment as the proxy's ``200`` (measured on loopback: 29 of
+    200 sessions lost their greeting and timed out). Reading to the blank line, one byte at a time
+    (some 40 bytes), leaves the greeting in the socket for aiosmtplib.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.complete = False
+
+    async def write(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    async def read(self, max_bytes: int = _MAX_PROXY_REPLY) -> bytes:
+        head = bytearray()
+        while not head.endswith(b"\r\n\r\n") and len(head) < min(max_bytes, _MAX_PROXY_REPLY):
+            chunk = await self.loop.sock_recv(self.sock, 1)
+            if not chunk:
+                break
+            head += chunk
+        self.complete = head.endswith(b"\r\n\r\n")
+        return bytes(head)
+
+    async def read_exactly(self, n: int) -> bytes:  # SOCKS only; never called for HTTP CONNECT
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        self.sock.close()
+
+
+async def _connect_tcp(host: str, port: int) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"{host} has no address")
+    for family, type_, proto, _, address in infos:
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error
+
+
+async def _tunnel(target: SmtpTarget) -> socket.socket:
+    """An HTTP CONNECT tunnel to the SMTP server through ``target.proxy_url`` (python-socks speaks the
+    protocol, with ``Proxy-Authorization: Basic`` when the URL carries credentials)."""
     proxy = urlsplit(target.proxy_url or "")
-    proxy_port = proxy.port or 80
+    where = proxy_address(target.proxy_url)
+    secrets = proxy_secrets(target.proxy_url)
     authority = f"{target.host}:{target.port}"
+    user = unquote(proxy.username) if proxy.username is not None else None
+    password = unquote(proxy.password) if proxy.password is not None else None
     try:
-        sock = socket.create_connection((proxy.hostname or "", proxy_port), timeout=target.timeout)
+        async with asyncio.timeout(target.timeout):
+            sock = await _connect_tcp(proxy.hostname or "", proxy.port or 80)
     except TimeoutError:
         raise CheckFailed(
-            Reason.SMTP_CONNECTION_TIMEOUT,
-            f"no connection to the proxy {proxy.netloc} within {target.timeout:g} s",
+            Reason.SMTP_CONNECTION_TIMEOUT, f"no connection to the proxy {where} within {target.timeout:g} s"
         ) from None
     except OSError as exc:
         raise CheckFailed(
             Reason.SMTP_CONNECTION_REFUSED,
-            f"cannot connect to the proxy {proxy.netloc} ({exc.strerror or exc})",
+            f"cannot connect to the proxy {where} ({quote_reply(exc.strerror or str(exc), secrets)})",
         ) from None
+    stream = _ReplyBoundedStream(sock)
+    connector = create_connector(ProxyType.HTTP, user, password, rdns=None, resolver=_ProxyResolves())
     try:
-        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-        # One byte at a time: the server's 220 greeting may follow the proxy's answer in the same
-        # segment, and bytes read past the blank line would be lost to aiosmtplib.
-        head = b""
-        while not head.endswith(b"\r\n\r\n") and len(head) < 16384:
-            chunk = sock.recv(1)
-            if not chunk:
-                break
-            head += chunk
-    except OSError:
+        async with asyncio.timeout(target.timeout):
+            await connector.connect(stream, target.host, target.port)
+    except TimeoutError:
         sock.close()
         raise CheckFailed(
             Reason.SMTP_CONNECTION_TIMEOUT,
-            f"the proxy {proxy.netloc} did not open a tunnel to {authority} within {target.timeout:g} s",
+            f"the proxy {where} did not open a tunnel to {authority} within {target.timeout:g} s",
         ) from None
-    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or parts[1] != "200" or b"\r\n\r\n" not in head:
+    except (ReplyError, OSError, ValueError) as exc:
+        sock.close()
+        detail = quote_reply(str(exc), secrets) or "no answer"
+        hint = ""
+        if getattr(exc, "error_code", None) == 407:
+            hint = "; check the user and password in the proxy URL"
+        raise CheckFailed(
+            Reason.SMTP_CONNECTION_REFUSED,
+            f"the proxy {where} refused the tunnel to {authority}: {detail}{hint}",
+        ) from None
+    if not stream.complete:
         sock.close()
         raise CheckFailed(
             Reason.SMTP_CONNECTION_REFUSED,
-            f"the proxy {proxy.netloc} refused the tunnel to {authority}: {quote_reply(status_line) or 'no answer'}",
+            f"the proxy {where} closed the connection before answering the tunnel to {authority}",
         )
-    sock.setblocking(False)
     return sock
 
 
@@ -132,7 +220,7 @@ async def authenticate(
     result = SmtpResult()
     context = tls_context(target.ca_pem)
     where = target.describe()
-    sock = await asyncio.to_thread(_tunnel, target) if target.proxy_url else None
+    sock = await _tunnel(target) if target.proxy_url else None
     smtp = aiosmtplib.SMTP(
         hostname=target.host,
         port=None if sock else target.port,
@@ -288,3 +376,143 @@ async def _send(smtp: aiosmtplib.SMTP, message: Message, where: str, secrets: tu
             Reason.SEND_REJECTED, f"{where} refused the test message: {_reply(exc, secrets)}"
         ) from None
     return quote_reply(answer, secrets)
+
+
+# -- the relay's upstream submission -------------------------------------------------------------------
+
+
+class SubmitFailed(Exception):
+    """A relayed message was not accepted upstream. ``code``/``text`` are what to tell the relay's
+    client (token-free); ``auth_rejected`` marks a ``535`` to AUTH XOAUTH2 (a fresh token may help)."""
+
+    def __init__(self, code: int, text: str, *, auth_rejected: bool = False) -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+        self.auth_rejected = auth_rejected
+
+
+@dataclass(slots=True)
+class Upstream:
+    """An authenticated session with the server, reusable for several messages."""
+
+    smtp: aiosmtplib.SMTP
+    secrets: tuple[str, ...] = field(repr=False)
+    where: str
+    opened: float
+    messages: int = 0
+
+    async def close(self) -> None:
+        await _hang_up(self.smtp)
+
+
+async def open_upstream(target: SmtpTarget, username: str, token: str, *, now: float) -> Upstream:
+    """Connect, STARTTLS (or implicit TLS) and AUTH XOAUTH2; raises :class:`SubmitFailed`.
+
+    Connection and TLS failures are temporary (``451 4.4.x``/``4.7.0``); a ``535`` to AUTH is
+    ``auth_rejected`` (a fresh token may help).
+    """
+    auth_blob = base64.b64encode(f"user={username}\x01auth=Bearer {token}\x01\x01".encode()).decode()
+    secrets = (token, auth_blob, *proxy_secrets(target.proxy_url))
+    where = target.describe()
+    context = tls_context(target.ca_pem)
+    sock = None
+    if target.proxy_url:
+        try:
+            sock = await _tunnel(target)
+        except CheckFailed as exc:
+            raise SubmitFailed(451, f"4.4.1 {exc.message}") from None
+    smtp = aiosmtplib.SMTP(
+        hostname=target.host,
+        port=None if sock else target.port,
+        use_tls=target.implicit_tls,
+        start_tls=False,
+        tls_context=context,
+        timeout=target.timeout,
+        sock=sock,
+    )
+    try:
+        try:
+            await smtp.connect()
+            await smtp.ehlo()
+            if not target.implicit_tls:
+                if not smtp.supports_extension("starttls"):
+                    raise SubmitFailed(451, f"4.7.0 {where} does not offer STARTTLS")
+                await smtp.starttls(tls_context=context)
+                await smtp.ehlo()
+        except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            detail = quote_reply(str(exc), secrets)[:200] or type(exc).__name__
+            raise SubmitFailed(451, f"4.4.1 Cannot reach Exchange Online at {where} ({detail})") from None
+        try:
+            await smtp.auth_xoauth2(username, token)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise SubmitFailed(
+                451,
+                f"4.7.0 Exchange Online refused the relay's token: {_reply(exc, secrets)}",
+                auth_rejected=exc.code == 535,
+            ) from None
+    except SubmitFailed:
+        await _hang_up(smtp)
+        raise
+    except BaseException as exc:
+        await _hang_up(smtp)
+        if isinstance(exc, Exception):
+            raise _submit_failure(exc, secrets, where) from None
+        raise
+    return Upstream(smtp=smtp, secrets=secrets, where=where, opened=now)
+
+
+class StaleSession(SubmitFailed):
+    """A reused session was gone before anything of the message was sent: safe to retry at once."""
+
+
+async def send_on(
+    upstream: Upstream, *, sender: str, recipients: tuple[str, ...], data: bytes
+) -> tuple[int, str]:
+    """MAIL, RCPT, DATA on an open session; returns the server's (code, text) for DATA.
+
+    All or nothing: a refused recipient refuses the whole message (``SubmitFailed`` with that reply,
+    temporary if any refusal is) after an RSET, so the relay never reports a message as accepted when
+    part of it was dropped. Raises :class:`StaleSession` when the session died before MAIL was
+    answered (nothing of the message reached the server)."""
+    smtp, secrets = upstream.smtp, upstream.secrets
+    upstream.messages += 1
+    try:
+        try:
+            await smtp.mail(sender)
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+            raise StaleSession(451, f"4.4.2 {quote_reply(str(exc), secrets)[:120]}") from None
+        refused: list[tuple[int, str]] = []
+        for rcpt in recipients:
+            try:
+                await smtp.rcpt(rcpt)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                refused.append((exc.code, quote_reply(exc.message, secrets)))
+        if refused:
+            with contextlib.suppress(aiosmtplib.SMTPException):
+                await smtp.rset()
+            temporary = [r for r in refused if 400 <= r[0] < 500]
+            code, text = (temporary or refused)[0]
+            raise SubmitFailed(code, text)
+        answer = await smtp.data(data)
+        return answer.code, quote_reply(answer.message, secrets)
+    except SubmitFailed:
+        raise
+    except Exception as exc:
+        if isinstance(exc, aiosmtplib.SMTPResponseException) and 400 <= exc.code < 600:
+            # A refused MAIL or DATA: the session itself stays usable after RSET.
+            with contextlib.suppress(aiosmtplib.SMTPException):
+                await smtp.rset()
+        raise _submit_failure(exc, secrets, upstream.where) from None
+
+
+def _submit_failure(exc: Exception, secrets: tuple[str, ...], where: str) -> SubmitFailed:
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        code = exc.code if 400 <= exc.code < 600 else 451
+        return SubmitFailed(code, quote_reply(exc.message, secrets) or "4.3.0 no reply text")
+    if isinstance(exc, (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError)):
+        detail = quote_reply(str(exc), secrets)[:200] or type(exc).__name__
+        if isinstance(exc, ssl.SSLError):
+            return SubmitFailed(451, f"4.7.0 TLS with {where} failed ({exc.reason or 'handshake'})")
+        return SubmitFailed(451, f"4.4.2 Exchange Online dropped the session at {where} ({detail})")
+    return SubmitFailed(451, f"4.3.0 {quote_reply(str(exc), secrets)[:200] or type(exc).__name__}")

@@ -15,6 +15,7 @@ class SourceObject:
 
     data: Mapping[str, str] = field(repr=False)
     metadata: Mapping[str, Any]
+    type: str | None = None  # a Secret's type (kubernetes.io/tls…), when known
 
 
 class ObjectSource(Protocol):

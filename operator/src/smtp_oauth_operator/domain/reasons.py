@@ -53,6 +53,16 @@ class Reason(enum.StrEnum):
     INVALID_CLIENT_SECRET = "InvalidClientSecret"
     CLIENT_SECRET_EXPIRED = "ClientSecretExpired"
     INVALID_SCOPE = "InvalidScope"
+    # certificate and federated credentials (domain/credentials.py, clients/identity.py)
+    CERTIFICATE_NOT_FOUND = "CertificateNotFound"
+    CERTIFICATE_INVALID = "CertificateInvalid"
+    CERTIFICATE_EXPIRED = "CertificateExpired"
+    CERTIFICATE_NOT_REGISTERED = "CertificateNotRegistered"
+    FEDERATED_CREDENTIAL_MISMATCH = "FederatedCredentialMismatch"
+    SERVICE_ACCOUNT_NOT_FOUND = "ServiceAccountNotFound"
+    TOKEN_REQUEST_DENIED = "TokenRequestDenied"
+    CLOCK_SKEW = "ClockSkew"
+    ISSUER_UNREACHABLE = "IssuerUnreachable"
     THROTTLED = "Throttled"
     IDENTITY_PROVIDER_UNAVAILABLE = "IdentityProviderUnavailable"
     IDENTITY_PROVIDER_UNREACHABLE = "IdentityProviderUnreachable"
@@ -185,6 +195,59 @@ _INFO: dict[Reason, ReasonInfo] = {
         transient=False,
         remedy="Use the scope https://outlook.office365.com/.default (or your cloud's equivalent) and "
         "make sure Exchange Online exists in the tenant.",
+    ),
+    Reason.CERTIFICATE_NOT_FOUND: ReasonInfo(
+        _S,
+        transient=False,
+        remedy="Create the kubernetes.io/tls Secret named in spec.identity.clientCertificate.secretRef "
+        "(for example with cert-manager) in the same namespace.",
+    ),
+    Reason.CERTIFICATE_INVALID: ReasonInfo(
+        _S,
+        transient=False,
+        remedy="Put the certificate (leaf first) in tls.crt and its unencrypted RSA private key in "
+        "tls.key of a kubernetes.io/tls Secret.",
+    ),
+    Reason.CERTIFICATE_EXPIRED: ReasonInfo(
+        _S,
+        transient=False,
+        remedy="Issue a new certificate, upload it to the app registration and update the TLS Secret.",
+    ),
+    Reason.CERTIFICATE_NOT_REGISTERED: ReasonInfo(
+        _T,
+        transient=False,
+        remedy="Upload the certificate (the thumbprint in the message) to the app registration under "
+        "Certificates & secrets.",
+    ),
+    Reason.FEDERATED_CREDENTIAL_MISMATCH: ReasonInfo(
+        _T,
+        transient=False,
+        remedy="Make the app's federated credential match the issuer, subject and audience quoted in the "
+        "message exactly (matching is case-sensitive).",
+    ),
+    Reason.SERVICE_ACCOUNT_NOT_FOUND: ReasonInfo(
+        _S,
+        transient=False,
+        remedy="Create the ServiceAccount named in spec.identity.workloadIdentity.serviceAccountName in "
+        "the resource's namespace.",
+    ),
+    Reason.TOKEN_REQUEST_DENIED: ReasonInfo(
+        _S,
+        transient=False,
+        remedy="Grant the operator create on serviceaccounts/token in this namespace (the chart's "
+        "rbac.serviceAccountTokens value).",
+    ),
+    Reason.CLOCK_SKEW: ReasonInfo(
+        _T,
+        transient=True,
+        remedy="Synchronise the clocks (NTP) of the cluster's nodes: Entra ID found the assertion outside "
+        "its valid time range.",
+    ),
+    Reason.ISSUER_UNREACHABLE: ReasonInfo(
+        _T,
+        transient=True,
+        remedy="Publish the cluster's service-account issuer discovery document and keys where Entra ID "
+        "can fetch them (the issuer URL over public HTTPS).",
     ),
     Reason.THROTTLED: ReasonInfo(
         _T, transient=True, remedy="Wait: the operator retries after the delay Entra ID asked for."

@@ -10,26 +10,35 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 __all__ = [
     "CLOUDS",
     "DEFAULT_WARN_BEFORE_DAYS",
+    "EARLIEST",
     "GROUP",
     "KIND",
+    "LATEST",
     "PLURAL",
     "RECHECK_ANNOTATION",
     "VERSION",
+    "ClientCertificate",
     "Cloud",
+    "CredentialKind",
     "KeyRef",
+    "RelaySpec",
     "SmtpOAuthSpec",
     "SpecError",
+    "WorkloadIdentity",
     "parse_duration",
     "parse_spec",
     "parse_time",
+    "proxy_url_problem",
     "recheck_token",
+    "utc_time",
 ]
 
 GROUP = "smtpoauth.dev"
@@ -45,6 +54,8 @@ class Cloud:
     authority_host: str
     scope: str
     smtp_host: str
+    # The audience Entra ID expects in a federated (workload identity) assertion in this cloud.
+    federation_audience: str = "api://AzureADTokenExchange"
 
 
 # Sovereign-cloud endpoints are community-sourced (protocol-facts.md §7): every one can be overridden.
@@ -58,11 +69,13 @@ CLOUDS: dict[str, Cloud] = {
         "https://login.microsoftonline.us",
         "https://outlook.office365.us/.default",
         "smtp.office365.us",
+        "api://AzureADTokenExchangeUSGov",
     ),
     "AzureChina": Cloud(
         "https://login.partner.microsoftonline.cn",
         "https://partner.outlook.cn/.default",
         "smtp.partner.outlook.cn",
+        "api://AzureADTokenExchangeChina",
     ),
 }
 
@@ -71,7 +84,7 @@ class SpecError(ValueError):
     """The spec cannot be used; ``field`` is the JSON path of the offending field."""
 
     def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"spec.{field}: {problem}")
+        super().__init__(f"spec.{field}: {problem}" if field else f"spec: {problem}")
         self.field = field
         self.problem = problem
 
@@ -86,6 +99,46 @@ class KeyRef:
 
     def __str__(self) -> str:
         return f"{self.kind} {self.name!r} key {self.key!r}"
+
+
+CredentialKind = Literal["ClientSecret", "ClientCertificate", "WorkloadIdentity"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCertificate:
+    """A kubernetes.io/tls Secret (tls.crt, tls.key) whose certificate is registered on the app."""
+
+    secret_name: str
+    send_certificate_chain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadIdentity:
+    """Federation: a ServiceAccount token of the resource's namespace (or the operator's own) is the
+    client assertion. ``service_account`` is None exactly when ``use_operator_identity``."""
+
+    service_account: str | None
+    audience: str
+    use_operator_identity: bool = False
+
+    def subject(self, namespace: str) -> str | None:
+        """The federated credential's subject Entra ID must hold for this ServiceAccount."""
+        if self.service_account is None:
+            return None
+        return f"system:serviceaccount:{namespace}:{self.service_account}"
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySpec:
+    """``spec.relay``: who may log in to the relay for this configuration and what they may send."""
+
+    credentials_secret: str
+    allowed_senders: tuple[str, ...]
+    messages_per_minute: int = 30
+    recipients_per_day: int = 10_000
+
+    def allows(self, address: str) -> bool:
+        return address.lower() in {a.lower() for a in self.allowed_senders}
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,16 +156,46 @@ class SmtpOAuthSpec:
     scope: str
     identity_timeout: float
     identity_ca: KeyRef | None
-    secret_ref: KeyRef
+    secret_ref: KeyRef | None
     expires_at: datetime | None
     expires_at_key: str | None
-    proxy_url: str | None
+    proxy_url: str | None = field(repr=False)  # may carry credentials (user:password@)
     test_message_to: str | None
     test_message_from: str | None
     recheck_interval: timedelta
     warn_before_days: tuple[int, ...] = DEFAULT_WARN_BEFORE_DAYS
     notify_to: tuple[str, ...] = ()
     secret_policy: Literal["Warn", "Require", "Ignore"] = "Warn"
+    client_certificate: ClientCertificate | None = None
+    workload_identity: WorkloadIdentity | None = None
+
+    @property
+    def credential_kind(self) -> CredentialKind:
+        if self.client_certificate is not None:
+            return "ClientCertificate"
+        if self.workload_identity is not None:
+            return "WorkloadIdentity"
+        return "ClientSecret"
+
+    @property
+    def credential_secret(self) -> str | None:
+        """The name of the Secret holding the credential (client secret or private key), if any."""
+        if self.client_certificate is not None:
+            return self.client_certificate.secret_name
+        return self.secret_ref.name if self.secret_ref is not None else None
+
+    def referenced_objects(self) -> set[tuple[Literal["Secret", "ConfigMap"], str]]:
+        """(kind, name) of every object in the resource's namespace whose change calls for a new test."""
+        refs: set[tuple[Literal["Secret", "ConfigMap"], str]] = set()
+        secret = self.credential_secret
+        if secret is not None:
+            refs.add(("Secret", secret))
+        for ref in (self.identity_ca, self.smtp_ca):
+            if ref is not None:
+                refs.add((ref.kind, ref.name))
+        return refs
+
+    relay: RelaySpec | None = None  # None: not relayed (unset, or enabled false)
 
     @property
     def authority(self) -> str:
@@ -129,11 +212,14 @@ _DURATION = re.compile(r"^(?:([0-9]{1,6})h)?(?:([0-9]{1,7})m)?(?:([0-9]{1,8})s)?
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z]{2,63}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
+_DNS1123 = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 def recheck_token(annotations: Mapping[str, Any] | None) -> str | None:
     """The ``smtpoauth.dev/recheck`` annotation as stored in status.handledRecheck (≤ 1024 chars)."""
-    value = (annotations or {}).get(RECHECK_ANNOTATION)
+    if not isinstance(annotations, Mapping):
+        return None
+    value = annotations.get(RECHECK_ANNOTATION)
     if value is None:
         return None
     value = str(value)
@@ -151,18 +237,44 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(hours=hours, minutes=minutes, seconds=seconds)
 
 
+# Times are kept in UTC and written back as RFC 3339 with a four-digit year (status, Events, metrics):
+# 9999-12-31T23:59:59-05:00 is valid RFC 3339, but lies in the year 10000 once in UTC.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime.max.replace(tzinfo=UTC)
+
+
+def utc_time(moment: datetime, what: str) -> datetime:
+    """``moment`` in UTC (naive means UTC), or ValueError when it is outside 1970..9999 in UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    problem = f"{what} is outside 1970-01-01 to 9999-12-31T23:59:59Z"
+    try:
+        moment = moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(problem) from None
+    if not EARLIEST <= moment <= LATEST:
+        raise ValueError(problem)
+    return moment
+
+
 def parse_time(text: str) -> datetime:
-    """Parse an RFC 3339 timestamp (``2027-05-31T00:00:00Z``) or a bare date into an aware UTC time."""
+    """Parse an RFC 3339 timestamp (``2027-05-31T00:00:00Z``) or a bare date into an aware UTC time.
+
+    Raises ValueError (never OverflowError) for anything that is not a time between 1970 and 9999 UTC.
+    """
     value = text.strip()
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
         value += "T00:00:00+00:00"
     value = value.replace("z", "Z")
     if value.endswith("Z"):
         value = value[:-1] + "+00:00"
-    parsed = datetime.fromisoformat(value)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{text[:64]!r} is not an RFC 3339 time like 2027-05-31T00:00:00Z") from None
     if parsed.tzinfo is None:
-        raise ValueError(f"{text!r} has no time zone (use Z for UTC)")
-    return parsed.astimezone(UTC)
+        raise ValueError(f"{text[:64]!r} has no time zone (use Z for UTC)")
+    return utc_time(parsed, repr(text[:64]))
 
 
 class _Reader:
@@ -228,6 +340,36 @@ def _https_url(value: str, path: str) -> str:
     return value.rstrip("/")
 
 
+def proxy_url_problem(value: str) -> str | None:
+    """What is wrong with a proxy URL (spec.proxy.url or the operator's HTTPS_PROXY), if anything.
+
+    Only plain ``http://`` proxies: the CONNECT tunnel carries TLS end to end to Entra ID and Exchange
+    either way, and an ``https://`` URL (TLS to the proxy itself) used to get a plaintext CONNECT on
+    port 80 for SMTP. It is refused with the fix rather than guessed at.
+    """
+    if value.lower().startswith("https://"):
+        return (
+            "https:// (TLS to the proxy) is not supported: use http://host:port; the tunnel through the "
+            "proxy is TLS to Entra ID and Exchange anyway"
+        )
+    if not re.fullmatch(r"http://[^\s/]+/?", value):
+        return "must be http://host:port"
+    try:
+        port = urlsplit(value).port
+    except ValueError:
+        return "has an invalid port"
+    if port == 0:
+        return "has an invalid port"
+    return None
+
+
+def _proxy_url(value: str, path: str) -> str:
+    problem = proxy_url_problem(value)
+    if problem is not None:
+        raise SpecError(path, problem)
+    return value.rstrip("/")
+
+
 def parse_spec(spec: Any) -> SmtpOAuthSpec:
     """Turn ``body['spec']`` into an :class:`SmtpOAuthSpec`, applying the CRD's defaults."""
     r = _Reader(spec, "")
@@ -255,25 +397,11 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
             "identity.scope", "must end in /.default, e.g. https://outlook.office365.com/.default"
         )
 
-    secret = ident.sub("clientSecret")
-    secret_ref_r = secret.sub("secretKeyRef")
-    secret_ref = KeyRef("Secret", secret_ref_r.text("name"), secret_ref_r.text("key"))
-    expires_at: datetime | None = None
-    if secret.has("expiresAt"):
-        raw = secret.data["expiresAt"]
-        try:
-            expires_at = raw if isinstance(raw, datetime) else parse_time(str(raw))
-        except ValueError as exc:
-            raise SpecError("identity.clientSecret.expiresAt", str(exc)) from None
-        if expires_at.tzinfo is None:
-            expires_at = expires_at.replace(tzinfo=UTC)
-    expires_at_key = secret.opt_text("expiresAtKey")
-    if expires_at is not None and expires_at_key is not None:
-        raise SpecError("identity.clientSecret", "set expiresAt or expiresAtKey, not both")
+    secret_ref, expires_at, expires_at_key, certificate, workload = _parse_credential(ident, cloud)
 
     proxy_url = r.sub("proxy").opt_text("url")
-    if proxy_url is not None and not re.fullmatch(r"https?://[^\s/]+/?", proxy_url):
-        raise SpecError("proxy.url", "must be http://host:port or https://host:port")
+    if proxy_url is not None:
+        proxy_url = _proxy_url(proxy_url, "proxy.url")
 
     test_to = r.sub("testMessage").opt_text("to")
     if test_to is not None and not _EMAIL.match(test_to):
@@ -306,6 +434,7 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
         raise SpecError("alarms.notify.to", "must have at most 20 items")
 
     policy = r.enum("secretPolicy", "Warn", ("Warn", "Require", "Ignore"))
+    relay = _relay(r.sub("relay"), username)
 
     return SmtpOAuthSpec(
         username=username,
@@ -324,11 +453,96 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
         secret_ref=secret_ref,
         expires_at=expires_at,
         expires_at_key=expires_at_key,
-        proxy_url=proxy_url.rstrip("/") if proxy_url else None,
+        proxy_url=proxy_url,
         test_message_to=test_to,
         test_message_from=test_from,
         recheck_interval=recheck,
         warn_before_days=tuple(sorted(set(warn_raw), reverse=True)),
         notify_to=tuple(notify_raw),
         secret_policy=policy,  # type: ignore[arg-type]  # enum() checked it
+        client_certificate=certificate,
+        workload_identity=workload,
+        relay=relay,
     )
+
+
+def _relay(r: _Reader, username: str) -> RelaySpec | None:
+    enabled = r.data.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise SpecError("relay.enabled", "must be true or false")
+    if not enabled:
+        return None
+    if not r.has("credentialsSecretRef"):
+        raise SpecError("relay.credentialsSecretRef", "is required when the relay is enabled")
+    secret = r.sub("credentialsSecretRef").text("name")
+    senders_raw = r.data.get("allowedSenders", [username])
+    if not isinstance(senders_raw, list) or not all(
+        isinstance(a, str) and _EMAIL.match(a) for a in senders_raw
+    ):
+        raise SpecError("relay.allowedSenders", "must be a list of mail addresses")
+    if not 1 <= len(senders_raw) <= 20:
+        raise SpecError("relay.allowedSenders", "must have 1 to 20 items")
+    return RelaySpec(
+        credentials_secret=secret,
+        allowed_senders=tuple(dict.fromkeys(senders_raw)),
+        messages_per_minute=r.int("messagesPerMinute", 30, 1, 10_000),
+        recipients_per_day=r.int("recipientsPerDay", 10_000, 1, 1_000_000),
+    )
+
+
+_CredentialParts = tuple[
+    KeyRef | None, datetime | None, str | None, ClientCertificate | None, WorkloadIdentity | None
+]
+
+
+def _parse_credential(ident: _Reader, cloud: Cloud) -> _CredentialParts:
+    """Exactly one of clientSecret, clientCertificate and workloadIdentity (the CRD's CEL rule)."""
+    kinds = [k for k in ("clientSecret", "clientCertificate", "workloadIdentity") if ident.has(k)]
+    if len(kinds) != 1:
+        raise SpecError("identity", "set exactly one of clientSecret, clientCertificate or workloadIdentity")
+    if kinds[0] == "clientCertificate":
+        cert = ident.sub("clientCertificate")
+        name = cert.sub("secretRef").text("name")
+        if not _DNS1123.match(name):
+            raise SpecError("identity.clientCertificate.secretRef.name", "must be the name of a Secret")
+        chain = cert.data.get("sendCertificateChain", False)
+        if not isinstance(chain, bool):
+            raise SpecError("identity.clientCertificate.sendCertificateChain", "must be true or false")
+        return None, None, None, ClientCertificate(name, chain), None
+    if kinds[0] == "workloadIdentity":
+        wi = ident.sub("workloadIdentity")
+        own = wi.data.get("useOperatorIdentity", False)
+        if not isinstance(own, bool):
+            raise SpecError("identity.workloadIdentity.useOperatorIdentity", "must be true or false")
+        account = wi.opt_text("serviceAccountName")
+        if (account is None) == (not own):
+            raise SpecError(
+                "identity.workloadIdentity",
+                "set serviceAccountName or useOperatorIdentity: true, not both and not neither",
+            )
+        if account is not None and not _DNS1123.match(account):
+            raise SpecError(
+                "identity.workloadIdentity.serviceAccountName", "must be the name of a ServiceAccount"
+            )
+        audience = wi.text("audience", cloud.federation_audience)
+        if len(audience) > 512 or any(c.isspace() for c in audience):
+            raise SpecError(
+                "identity.workloadIdentity.audience", "must be one word of at most 512 characters"
+            )
+        return None, None, None, None, WorkloadIdentity(account, audience, own)
+
+    secret = ident.sub("clientSecret")
+    secret_ref_r = secret.sub("secretKeyRef")
+    secret_ref = KeyRef("Secret", secret_ref_r.text("name"), secret_ref_r.text("key"))
+    expires_at: datetime | None = None
+    if secret.has("expiresAt"):
+        raw = secret.data["expiresAt"]
+        try:
+            # YAML (the check CLI) turns an unquoted timestamp into a datetime; JSON never does.
+            expires_at = utc_time(raw, repr(str(raw))) if isinstance(raw, datetime) else parse_time(str(raw))
+        except ValueError as exc:
+            raise SpecError("identity.clientSecret.expiresAt", str(exc)) from None
+    expires_at_key = secret.opt_text("expiresAtKey")
+    if expires_at is not None and expires_at_key is not None:
+        raise SpecError("identity.clientSecret", "set expiresAt or expiresAtKey, not both")
+    return secret_ref, expires_at, expires_at_key, None, None

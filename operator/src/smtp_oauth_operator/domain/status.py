@@ -42,6 +42,10 @@ _STEP_OK = {
     ),
 }
 MAX_HISTORY = 20
+_RESOLVED_MESSAGE = {
+    "ClientCertificate": "The TLS Secret's certificate and key, and the trust bundles, were read and checked.",
+    "WorkloadIdentity": "No Secret to read (workload identity federation); the trust bundles were read.",
+}
 
 
 def timestamp(moment: datetime) -> str:
@@ -75,6 +79,8 @@ class Observation:
     handled_recheck: str | None
     next_test_time: datetime | None
     consecutive_failures: int
+    credential: str = "ClientSecret"  # spec.credential_kind
+    certificate: Mapping[str, str] | None = None  # status.clientCertificate (public facts only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +206,7 @@ def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
             "observedFingerprint",
             "lastAlarm",
             "alarmHistory",
+            "clientCertificate",
         }
     }
     events: list[Event] = []
@@ -220,79 +227,102 @@ def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
                 status[key] = value
     else:
         steps = _previous_steps(prev_conditions)
+    resolved = steps[ConditionType.SECRET_RESOLVED]
+    if resolved[1] == Reason.RESOLVED and obs.credential in _RESOLVED_MESSAGE:
+        steps[ConditionType.SECRET_RESOLVED] = (resolved[0], resolved[1], _RESOLVED_MESSAGE[obs.credential])
     test_failure = next(((s, r, m) for (s, r, m) in steps.values() if s == "False"), None)
     untested = all(s == "Unknown" for (s, _, _) in steps.values())
 
     # 2. Expiry. Entra ID's AADSTS7000222 means expired whatever the spec says.
     expiry = obs.expiry
-    idp_says_expired = test_failure is not None and test_failure[1] == Reason.CLIENT_SECRET_EXPIRED
-    if expiry.expires_at is not None:
-        status["clientSecretExpiresAt"] = timestamp(expiry.expires_at)
-    else:
+    cert = obs.credential == "ClientCertificate"
+    kind = "ClientCertificate" if cert else "ClientSecret"  # the alarm's and Events' prefix
+    idp_says_expired = test_failure is not None and test_failure[1] in {
+        Reason.CLIENT_SECRET_EXPIRED,
+        Reason.CERTIFICATE_EXPIRED,
+    }
+    if cert:
+        prev_expires = _parse((prev.get("clientCertificate") or {}).get("notAfter"))
         status.pop("clientSecretExpiresAt", None)
-    prev_expires = _parse(prev.get("clientSecretExpiresAt"))
+        if obs.certificate is not None:
+            status["clientCertificate"] = dict(obs.certificate)
+    else:
+        prev_expires = _parse(prev.get("clientSecretExpiresAt"))
+        status.pop("clientCertificate", None)
+        if expiry.expires_at is not None:
+            status["clientSecretExpiresAt"] = timestamp(expiry.expires_at)
+        else:
+            status.pop("clientSecretExpiresAt", None)
+    noun = "certificate" if cert else "client secret"
+    renew = (
+        "issue a new certificate, upload it to the app registration and update"
+        if cert
+        else "create a new secret in Entra ID and update"
+    )
     if expiry.expires_at and prev_expires and expiry.expires_at > prev_expires:
         message = (
-            f"Client secret of app {obs.client_id} now expires {format_date(expiry.expires_at)} "
+            f"{noun.capitalize()} of app {obs.client_id} now expires {format_date(expiry.expires_at)} "
             f"(was {format_date(prev_expires)})."
         )
-        events.append(Event("Normal", "ClientSecretRotated", message))
+        events.append(Event("Normal", f"{kind}Rotated", message))
         status.pop("lastAlarm", None)
-        _history(status, "ClientSecretRotated", None, now, message)
+        _history(status, f"{kind}Rotated", None, now, message)
 
-    if idp_says_expired or expiry.reason is Reason.EXPIRED:
+    if obs.credential == "WorkloadIdentity":
+        exp_status, exp_reason = "False", Reason.NOT_EXPIRING
+        exp_message = (
+            "Nothing expires: workload identity federation presents short-lived ServiceAccount tokens "
+            "and stores no credential."
+        )
+    elif idp_says_expired or expiry.reason is Reason.EXPIRED:
         exp_status, exp_reason = "True", Reason.EXPIRED
         when = f"on {format_date(expiry.expires_at)}" if expiry.expires_at else "(Entra ID says so)"
-        exp_message = (
-            f"The client secret of app {obs.client_id} expired {when}: create a new secret in Entra ID "
-            f"and update Secret {obs.secret_name}."
-        )
+        exp_message = f"The {noun} of app {obs.client_id} expired {when}: {renew} Secret {obs.secret_name}."
     elif expiry.reason is Reason.EXPIRING_SOON and expiry.expires_at and expiry.remaining:
         exp_status, exp_reason = "True", Reason.EXPIRING_SOON
         exp_message = (
-            f"The client secret of app {obs.client_id} expires {format_date(expiry.expires_at)} "
-            f"({days_phrase(expiry.remaining)}): create a new secret in Entra ID and update "
-            f"Secret {obs.secret_name}."
+            f"The {noun} of app {obs.client_id} expires {format_date(expiry.expires_at)} "
+            f"({days_phrase(expiry.remaining)}): {renew} Secret {obs.secret_name}."
         )
     elif expiry.reason is Reason.NOT_EXPIRING and expiry.expires_at and expiry.remaining:
         exp_status, exp_reason = "False", Reason.NOT_EXPIRING
         exp_message = (
-            f"The client secret expires {format_date(expiry.expires_at)} ({days_phrase(expiry.remaining)})."
+            f"The {noun} expires {format_date(expiry.expires_at)} ({days_phrase(expiry.remaining)})."
         )
     else:
         exp_status, exp_reason = "Unknown", Reason.EXPIRY_UNKNOWN
-        exp_message = "No expiry date: set spec.identity.clientSecret.expiresAt or expiresAtKey."
+        exp_message = (
+            "Unknown until the certificate can be read from its TLS Secret."
+            if cert
+            else "No expiry date: set spec.identity.clientSecret.expiresAt or expiresAtKey."
+        )
 
     # 3. Alarms: once per threshold for a given expiry date, remembered in status across restarts.
     last = prev.get("lastAlarm") if "lastAlarm" in status else None
     same_date = bool(last) and _parse(last.get("expiresAt")) == expiry.expires_at  # type: ignore[union-attr]
-    if exp_reason is Reason.EXPIRED and not (
-        same_date and last and last.get("type") == "ClientSecretExpired"
-    ):
+    if exp_reason is Reason.EXPIRED and not (same_date and last and last.get("type") == f"{kind}Expired"):
         alarm = Alarm(
-            "ClientSecretExpired",
-            f"[smtp-oauth-operator] Client secret EXPIRED: {obs.client_id}",
+            f"{kind}Expired",
+            _alarm_subject(f"{kind}Expired", obs.client_id, expiry),
             exp_message,
         )
-        events.append(Event("Warning", "ClientSecretExpired", exp_message))
-        status["lastAlarm"] = _alarm_record("ClientSecretExpired", None, expiry, now)
-        _history(status, "ClientSecretExpired", None, now, exp_message)
+        events.append(Event("Warning", f"{kind}Expired", exp_message))
+        status["lastAlarm"] = _alarm_record(f"{kind}Expired", None, expiry, now)
+        _history(status, f"{kind}Expired", None, now, exp_message)
     elif exp_reason is Reason.EXPIRING_SOON and expiry.threshold_days is not None:
         already = (
             same_date
             and last is not None
-            and last.get("type") in {"ClientSecretExpiringSoon", "ClientSecretExpired"}
+            and last.get("type") in {f"{kind}ExpiringSoon", f"{kind}Expired"}
             and int(last.get("thresholdDays") or 0) <= expiry.threshold_days
             and last.get("thresholdDays") is not None
         )
         if not already:
-            subject = _alarm_subject("ClientSecretExpiringSoon", obs.client_id, expiry)
-            alarm = Alarm("ClientSecretExpiringSoon", subject, exp_message)
-            events.append(Event("Warning", "ClientSecretExpiringSoon", exp_message))
-            status["lastAlarm"] = _alarm_record(
-                "ClientSecretExpiringSoon", expiry.threshold_days, expiry, now
-            )
-            _history(status, "ClientSecretExpiringSoon", expiry.threshold_days, now, exp_message)
+            subject = _alarm_subject(f"{kind}ExpiringSoon", obs.client_id, expiry)
+            alarm = Alarm(f"{kind}ExpiringSoon", subject, exp_message)
+            events.append(Event("Warning", f"{kind}ExpiringSoon", exp_message))
+            status["lastAlarm"] = _alarm_record(f"{kind}ExpiringSoon", expiry.threshold_days, expiry, now)
+            _history(status, f"{kind}ExpiringSoon", expiry.threshold_days, now, exp_message)
 
     # An alarm whose e-mail failed is sent again on later passes (the reconciler records the outcome
     # in lastAlarm.notified), while the condition still says the same thing.
@@ -319,7 +349,7 @@ def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
     elif untested:
         ready = ("Unknown", Reason.NOT_TESTED, "The connection has not been tested yet.")
     elif exp_reason is Reason.EXPIRED:
-        ready = ("False", Reason.CLIENT_SECRET_EXPIRED, exp_message)
+        ready = ("False", Reason.CERTIFICATE_EXPIRED if cert else Reason.CLIENT_SECRET_EXPIRED, exp_message)
     elif obs.policy == "Require" and protection is not None and not protection.protected:
         ready = ("False", Reason.SECRET_NOT_PROTECTED, f"{protection.message} spec.secretPolicy is Require.")
     else:
@@ -361,9 +391,10 @@ def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
 
 
 def _alarm_subject(kind: str, client_id: str, expiry: ExpiryState) -> str:
-    if kind == "ClientSecretExpired" or not expiry.remaining:
-        return f"[smtp-oauth-operator] Client secret EXPIRED: app {client_id}"
-    return f"[smtp-oauth-operator] Client secret of app {client_id} expires {days_phrase(expiry.remaining)}"
+    noun = "Certificate" if kind.startswith("ClientCertificate") else "Client secret"
+    if kind.endswith("Expired") or not expiry.remaining:
+        return f"[smtp-oauth-operator] {noun} EXPIRED: app {client_id}"
+    return f"[smtp-oauth-operator] {noun} of app {client_id} expires {days_phrase(expiry.remaining)}"
 
 
 def _alarm_record(kind: str, threshold: int | None, expiry: ExpiryState, now: datetime) -> dict[str, Any]:

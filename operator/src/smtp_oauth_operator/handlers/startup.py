@@ -95,6 +95,7 @@ async def on_startup(
     api = ApiConnection(kube.api_client.configuration)
     feed = Feed(api, reconciler, tokens, None if settings.peering.clusterwide else config.namespaces)
     memo.kube = kube
+    memo.tokens = tokens
     memo.api = api
     memo.metrics = metrics
     memo.reconciler = reconciler
@@ -129,6 +130,9 @@ async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
     kube: Kube | None = getattr(memo, "kube", None)
     if kube is not None:
         kube.close()
+    tokens: TokenProvider | None = getattr(memo, "tokens", None)
+    if tokens is not None:
+        tokens.close()  # the MSAL threads: a request stuck on a black-holed provider must not hold the exit
 
 
 @kopf.on.probe(id="reconciler")

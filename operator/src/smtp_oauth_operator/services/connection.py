@@ -13,23 +13,49 @@ import asyncio
 import functools
 import hashlib
 import json
+import os
 import ssl
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
-from smtp_oauth_operator.clients.identity import TokenProvider, TokenRequest
+from smtp_oauth_operator.clients.identity import FederatedAssertion, TokenProvider, TokenRequest
 from smtp_oauth_operator.clients.smtp import Message, SmtpResult, SmtpTarget, authenticate
+from smtp_oauth_operator.domain.credentials import CertificateCredential, CertificateError, parse_certificate
 from smtp_oauth_operator.domain.objects import ObjectSource, SourceObject
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
-from smtp_oauth_operator.domain.spec import KeyRef, SmtpOAuthSpec, parse_time
+from smtp_oauth_operator.domain.redact import strip_userinfo
+from smtp_oauth_operator.domain.spec import KeyRef, SmtpOAuthSpec, parse_time, proxy_url_problem
 from smtp_oauth_operator.domain.status import ConnectionTestResult
 
-__all__ = ["Inputs", "ObjectSource", "SourceObject", "resolve", "run", "send_mail", "token_request"]
+__all__ = [
+    "Inputs",
+    "ObjectSource",
+    "ServiceAccountTokens",
+    "SourceObject",
+    "resolve",
+    "run",
+    "send_mail",
+    "token_request",
+]
+
+# Azure Workload Identity's webhook injects these into the operator's Pod (protocol-facts.md §6).
+FEDERATED_TOKEN_FILE = "AZURE_FEDERATED_TOKEN_FILE"
+TLS_SECRET_TYPE = "kubernetes.io/tls"
+
+
+@runtime_checkable
+class ServiceAccountTokens(Protocol):
+    """Where ServiceAccount tokens come from: the API server's TokenRequest, or a file (the CLI)."""
+
+    def assertion_source(self, namespace: str, service_account: str, audience: str) -> Callable[[], str]:
+        """A function returning a fresh token; it raises CheckFailed (ServiceAccountNotFound,
+        TokenRequestDenied) and is called from a worker thread."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +66,8 @@ class Inputs:
     expires_at: datetime | None
     secret_metadata: Mapping[str, Any]
     fingerprint: str
+    certificate: CertificateCredential | None = None
+    assertion: FederatedAssertion | None = None
 
 
 _Seen = dict[tuple[str, str], "SourceObject | Exception | None"]
@@ -56,9 +84,7 @@ def _take(seen: _Seen, kind: str, name: str) -> SourceObject | None:
 async def _read_all(source: ObjectSource, namespace: str, spec: SmtpOAuthSpec) -> _Seen:
     """Every referenced object, read at once: one API round trip of latency instead of one per object,
     and one GET for a ConfigMap holding both trust bundles (the usual case)."""
-    keys: list[tuple[str, str]] = [("Secret", spec.secret_ref.name)]
-    keys += [(r.kind, r.name) for r in (spec.identity_ca, spec.smtp_ca) if r is not None]
-    keys = list(dict.fromkeys(keys))
+    keys: list[tuple[str, str]] = sorted(spec.referenced_objects())
     results = await asyncio.gather(
         *(source.read(kind, namespace, name) for kind, name in keys),  # type: ignore[arg-type]
         return_exceptions=True,
@@ -103,10 +129,140 @@ def _check_pem(pem: str, ref: KeyRef, namespace: str) -> str:
     return pem
 
 
+def _certificate(
+    seen: _Seen, namespace: str, spec: SmtpOAuthSpec
+) -> tuple[CertificateCredential, SourceObject]:
+    assert spec.client_certificate is not None
+    name = spec.client_certificate.secret_name
+    obj = _take(seen, "Secret", name)
+    if obj is None:
+        raise CheckFailed(
+            Reason.CERTIFICATE_NOT_FOUND,
+            f"Secret {namespace}/{name} does not exist (has cert-manager issued the certificate yet?)",
+        )
+    if obj.type is not None and obj.type != TLS_SECRET_TYPE:
+        raise CheckFailed(
+            Reason.CERTIFICATE_INVALID,
+            f"Secret {namespace}/{name} is of type {obj.type}, not {TLS_SECRET_TYPE}",
+        )
+    missing = [k for k in ("tls.crt", "tls.key") if not obj.data.get(k, "").strip()]
+    if missing:
+        raise CheckFailed(
+            Reason.CERTIFICATE_INVALID, f"Secret {namespace}/{name} has no {' and no '.join(missing)}"
+        )
+    try:
+        return parse_certificate(obj.data["tls.crt"], obj.data["tls.key"]), obj
+    except CertificateError as exc:
+        raise CheckFailed(Reason.CERTIFICATE_INVALID, f"Secret {namespace}/{name}: {exc}") from None
+
+
+def _operator_assertion() -> FederatedAssertion:
+    path = os.environ.get(FEDERATED_TOKEN_FILE)
+    if not path:
+        raise CheckFailed(
+            Reason.SERVICE_ACCOUNT_NOT_FOUND,
+            f"useOperatorIdentity is set but the operator has no federated token ({FEDERATED_TOKEN_FILE} "
+            "is unset): label its ServiceAccount and Pod for Azure Workload Identity",
+        )
+
+    def read() -> str:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return fh.read().strip()
+        except OSError as exc:
+            raise CheckFailed(
+                Reason.SERVICE_ACCOUNT_NOT_FOUND,
+                f"cannot read the operator's federated token {path} ({exc.strerror or 'unreadable'})",
+            ) from None
+
+    return FederatedAssertion(f"file:{path}", read)
+
+
+def _check_operator_identity(spec: SmtpOAuthSpec) -> None:
+    """useOperatorIdentity: the injected app must be the one the spec names, or the test would
+    silently test another app."""
+    for variable, value in (("AZURE_TENANT_ID", spec.tenant_id), ("AZURE_CLIENT_ID", spec.client_id)):
+        injected = os.environ.get(variable)
+        if injected and injected.lower() != value.lower():
+            raise CheckFailed(
+                Reason.INVALID_SPEC,
+                f"useOperatorIdentity: the operator's {variable} is {injected}, the spec says {value}",
+                condition=ConditionType.SECRET_RESOLVED,
+            )
+    host = os.environ.get("AZURE_AUTHORITY_HOST")
+    if host and host.rstrip("/") != spec.authority_host.rstrip("/"):
+        raise CheckFailed(
+            Reason.INVALID_SPEC,
+            f"useOperatorIdentity: the operator's AZURE_AUTHORITY_HOST is {host}, the spec's authority "
+            f"host is {spec.authority_host}; set spec.identity.authorityHost or cloud to match",
+            condition=ConditionType.SECRET_RESOLVED,
+        )
+
+
+def _federated(spec: SmtpOAuthSpec, namespace: str, source: ObjectSource) -> FederatedAssertion:
+    wi = spec.workload_identity
+    assert wi is not None
+    if wi.use_operator_identity:
+        _check_operator_identity(spec)
+        return _operator_assertion()
+    assert wi.service_account is not None
+    if not isinstance(source, ServiceAccountTokens):
+        raise CheckFailed(
+            Reason.SERVICE_ACCOUNT_NOT_FOUND,
+            f"no way to get a token of ServiceAccount {namespace}/{wi.service_account} here "
+            "(the check command takes it with --token-file)",
+        )
+    fetch = source.assertion_source(namespace, wi.service_account, wi.audience)
+    return FederatedAssertion(f"serviceaccount:{namespace}/{wi.service_account} aud={wi.audience}", fetch)
+
+
+async def _resolve_other(
+    spec: SmtpOAuthSpec, namespace: str, generation: int, source: ObjectSource, seen: _Seen
+) -> Inputs:
+    """A certificate or workload identity credential, plus the trust bundles."""
+    certificate: CertificateCredential | None = None
+    assertion: FederatedAssertion | None = None
+    metadata: Mapping[str, Any] = {}
+    versions: list[str] = []
+    if spec.client_certificate is not None:
+        certificate, obj = _certificate(seen, namespace, spec)
+        metadata = obj.metadata
+        versions.append(str(obj.metadata.get("resourceVersion", "")) + ":" + certificate.thumbprint_sha256)
+    else:
+        assertion = _federated(spec, namespace, source)
+        versions.append(assertion.identity)
+    cas = _bundles(seen, namespace, spec, versions)
+    fingerprint = hashlib.sha256(json.dumps([generation, *versions]).encode()).hexdigest()[:32]
+    return Inputs(
+        client_secret="",
+        identity_ca=cas["identity"],
+        smtp_ca=cas["smtp"],
+        expires_at=certificate.not_after if certificate else None,
+        secret_metadata=metadata,
+        fingerprint=fingerprint,
+        certificate=certificate,
+        assertion=assertion,
+    )
+
+
+def _bundles(seen: _Seen, namespace: str, spec: SmtpOAuthSpec, versions: list[str]) -> dict[str, str | None]:
+    cas: dict[str, str | None] = {}
+    for name, ca_ref in (("identity", spec.identity_ca), ("smtp", spec.smtp_ca)):
+        if ca_ref is None:
+            cas[name] = None
+            continue
+        pem, version = _value(seen, namespace, ca_ref)
+        cas[name] = _check_pem(pem, ca_ref, namespace)
+        versions.append(version)
+    return cas
+
+
 async def resolve(spec: SmtpOAuthSpec, namespace: str, generation: int, source: ObjectSource) -> Inputs:
     """Read everything the test needs from the referenced objects."""
-    ref = spec.secret_ref
     seen = await _read_all(source, namespace, spec)
+    if spec.secret_ref is None:
+        return await _resolve_other(spec, namespace, generation, source, seen)
+    ref = spec.secret_ref
     obj = _take(seen, "Secret", ref.name)
     if obj is None:
         raise CheckFailed(
@@ -176,7 +332,16 @@ def proxy_for(spec: SmtpOAuthSpec, url_host: str) -> str | None:
     proxy = env.get("https")
     if not proxy or urllib.request.proxy_bypass_environment(url_host, env):  # type: ignore[attr-defined]  # stdlib, untyped
         return None
-    return proxy if "://" in proxy else f"http://{proxy}"
+    proxy = proxy if "://" in proxy else f"http://{proxy}"
+    problem = proxy_url_problem(proxy)
+    if problem is not None:
+        raise CheckFailed(
+            Reason.INVALID_SPEC,
+            f"the operator's HTTPS_PROXY ({strip_userinfo(proxy)}) {problem}; fix the chart's "
+            "proxy.httpsProxy, or set spec.proxy.url",
+            condition=ConditionType.SECRET_RESOLVED,
+        )
+    return proxy
 
 
 def token_request(spec: SmtpOAuthSpec, inputs: Inputs) -> TokenRequest:
@@ -189,6 +354,11 @@ def token_request(spec: SmtpOAuthSpec, inputs: Inputs) -> TokenRequest:
         ca_pem=inputs.identity_ca,
         proxy_url=proxy_for(spec, urlsplit(spec.authority_host).hostname or ""),
         timeout=spec.identity_timeout,
+        certificate=inputs.certificate,
+        send_certificate_chain=bool(
+            spec.client_certificate and spec.client_certificate.send_certificate_chain
+        ),
+        assertion=inputs.assertion,
     )
 
 
@@ -253,8 +423,13 @@ async def run(
     ``deadline`` bounds each step (default: twice its timeout)."""
     started = now or datetime.now(UTC)
     clock = time.monotonic()
-    request = token_request(spec, inputs)
-    target = smtp_target(spec, inputs)
+    try:
+        request = token_request(spec, inputs)
+        target = smtp_target(spec, inputs)
+    except CheckFailed as exc:  # an unusable HTTPS_PROXY
+        return ConnectionTestResult(
+            failure=exc, tested_at=started, duration=0.0, fingerprint=inputs.fingerprint, scope=spec.scope
+        )
     message = None
     if spec.test_message_to:
         message = Message(

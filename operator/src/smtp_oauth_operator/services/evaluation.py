@@ -14,7 +14,7 @@ from typing import Any
 
 from smtp_oauth_operator.clients.identity import TokenProvider
 from smtp_oauth_operator.domain import expiry as expiry_maths
-from smtp_oauth_operator.domain.protection import assess
+from smtp_oauth_operator.domain.protection import Protection, assess
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
 from smtp_oauth_operator.domain.spec import (
     SmtpOAuthSpec,
@@ -55,12 +55,31 @@ def backoff(failures: int, interval: timedelta, retry_after: float | None) -> ti
     return jittered
 
 
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _generation(raw: Any) -> tuple[int, str | None]:
+    """metadata.generation, and what is wrong with the metadata (check reads unvalidated manifests)."""
+    if raw is not None and not isinstance(raw, Mapping):
+        return 0, "invalid metadata: must be an object"
+    value = (raw or {}).get("generation")
+    if value is None:
+        return 0, None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return 0, "invalid metadata: generation must be a non-negative integer"
+    return value, None
+
+
 def _due(
-    body: Mapping[str, Any], status: Mapping[str, Any], inputs: Inputs, spec: SmtpOAuthSpec, now: datetime
+    generation: int,
+    recheck: str | None,
+    status: Mapping[str, Any],
+    inputs: Inputs,
+    spec: SmtpOAuthSpec,
+    now: datetime,
 ) -> tuple[bool, datetime | None]:
     """Whether a connection test is due now, and otherwise when it will be."""
-    generation = int(body.get("metadata", {}).get("generation") or 0)
-    recheck = recheck_token(body.get("metadata", {}).get("annotations"))
     last = status.get("lastTestTime")
     if (
         not last
@@ -80,6 +99,27 @@ def _due(
     return now >= due, due
 
 
+def _certificate_expired(
+    inputs: Inputs, namespace: str, spec: SmtpOAuthSpec, now: datetime
+) -> CheckFailed | None:
+    cert = inputs.certificate
+    if cert is None or spec.client_certificate is None:
+        return None
+    where = f"Secret {namespace}/{spec.client_certificate.secret_name}"
+    if cert.not_after <= now:
+        return CheckFailed(
+            Reason.CERTIFICATE_EXPIRED,
+            f"the certificate in {where} (thumbprint {cert.thumbprint_sha256}) expired on "
+            f"{cert.not_after:%Y-%m-%d %H:%M} UTC",
+        )
+    if cert.not_before > now:
+        return CheckFailed(
+            Reason.CERTIFICATE_INVALID,
+            f"the certificate in {where} is not valid before {cert.not_before:%Y-%m-%d %H:%M} UTC",
+        )
+    return None
+
+
 async def evaluate(
     body: Mapping[str, Any],
     source: ObjectSource,
@@ -88,20 +128,29 @@ async def evaluate(
     now: datetime,
     force: bool = False,
 ) -> Pass:
-    """Run one pass; ``force`` tests even when the last test is fresh (the CLI)."""
-    metadata = body.get("metadata") or {}
+    """Run one pass; ``force`` tests even when the last test is fresh (the CLI).
+
+    Whatever the body holds, the answer is a decision (InvalidSpec for what cannot be used), never an
+    exception: a resource the API server accepted must get a status.
+    """
+    metadata = _mapping(body.get("metadata"))
     namespace = str(metadata.get("namespace") or "default")
     name = str(metadata.get("name") or "?")
-    generation = int(metadata.get("generation") or 0)
-    status: Mapping[str, Any] = body.get("status") or {}
+    generation, invalid = _generation(body.get("metadata"))
+    status = _mapping(body.get("status"))
     recheck = recheck_token(metadata.get("annotations"))
-    failures = int(status.get("consecutiveFailures") or 0)
+    failures = status.get("consecutiveFailures")
+    failures = failures if isinstance(failures, int) and not isinstance(failures, bool) else 0
 
-    try:
-        spec = parse_spec(body.get("spec"))
-    except SpecError as exc:
+    spec: SmtpOAuthSpec | None = None
+    if invalid is None:
+        try:
+            spec = parse_spec(body.get("spec"))
+        except SpecError as exc:
+            invalid = f"invalid spec: {exc}"
+    if spec is None:
         failure = CheckFailed(
-            Reason.INVALID_SPEC, f"invalid spec: {exc}", condition=ConditionType.SECRET_RESOLVED
+            Reason.INVALID_SPEC, invalid or "invalid spec", condition=ConditionType.SECRET_RESOLVED
         )
         fingerprint = f"invalid:{generation}"
         record = None
@@ -128,7 +177,7 @@ async def evaluate(
         )
         return Pass(decide(status, observation), None, None, record, None)
 
-    secret_name = f"{namespace}/{spec.secret_ref.name}"
+    secret_name = f"{namespace}/{spec.credential_secret or '-'}"
     inputs: Inputs | None = None
     record = None
     try:
@@ -144,9 +193,14 @@ async def evaluate(
 
     due_at: datetime | None = None
     if inputs is not None:
-        due, due_at = _due(body, status, inputs, spec, now)
+        due, due_at = _due(generation, recheck, status, inputs, spec, now)
         if due or force:
-            record = await run(spec, inputs, tokens, where=f"{namespace}/{name}", now=now)
+            expired = _certificate_expired(inputs, namespace, spec, now)
+            if expired is not None:
+                # Before any network call: Entra ID would only say the signature failed.
+                record = ConnectionTestResult(expired, now, 0.0, fingerprint=inputs.fingerprint)
+            else:
+                record = await run(spec, inputs, tokens, where=f"{namespace}/{name}", now=now)
 
     if record is not None:
         failures = failures + 1 if record.failure else 0
@@ -160,6 +214,12 @@ async def evaluate(
     expires_at = inputs.expires_at if inputs else spec.expires_at
     expiry = expiry_maths.evaluate(expires_at, now, spec.warn_before_days)
     protection = assess(secret_name, inputs.secret_metadata, spec.secret_policy) if inputs else None
+    if spec.workload_identity is not None:
+        protection = Protection(
+            "True",
+            Reason.PROTECTED,
+            "No Secret to protect: workload identity federation stores no credential.",
+        )
     observation = Observation(
         generation=generation,
         now=now,
@@ -172,6 +232,8 @@ async def evaluate(
         handled_recheck=recheck,
         next_test_time=due_at,
         consecutive_failures=failures,
+        credential=spec.credential_kind,
+        certificate=inputs.certificate.status() if inputs and inputs.certificate else None,
     )
     decision = decide(status, observation)
     next_due = min((t for t in (due_at, expiry.next_change) if t is not None), default=None)

@@ -110,11 +110,19 @@ def _refs(namespace: str, spec: Any) -> set[RefKey]:
         parsed = parse_spec(spec)
     except SpecError:
         return set()
-    refs: set[RefKey] = {("Secret", namespace, parsed.secret_ref.name)}
-    for ref in (parsed.identity_ca, parsed.smtp_ca):
-        if ref is not None:
-            refs.add((ref.kind, namespace, ref.name))
-    return refs
+    return {(kind, namespace, name) for kind, name in parsed.referenced_objects()}
+
+
+def _renewal_steps(kind: str) -> str:
+    if kind == "ClientCertificate":
+        return (
+            "Steps: issue a new certificate (cert-manager renews it by itself), upload it in Entra ID > App "
+            "registrations > Certificates & secrets, and update the TLS Secret.\n"
+        )
+    return (
+        "Steps: in Entra ID > App registrations > Certificates & secrets, create a new client secret; "
+        "update the Secret (or SealedSecret) and spec.identity.clientSecret.expiresAt.\n"
+    )
 
 
 def _pack(body: Mapping[str, Any]) -> bytes:
@@ -528,9 +536,7 @@ class Reconciler:
         where = f"{meta.get('namespace')}/{meta.get('name')}"
         text = (
             f"{text}\n\nResource: SmtpOAuthConfig {where}\nApplication (client) ID: {result.spec.client_id}\n"
-            f"Sender: {result.spec.username}\n\n"
-            "Steps: in Entra ID > App registrations > Certificates & secrets, create a new client secret; "
-            "update the Secret (or SealedSecret) and spec.identity.clientSecret.expiresAt.\n"
+            f"Sender: {result.spec.username}\n\n" + _renewal_steps(result.spec.credential_kind)
         )
         try:
             await send_mail(result.spec, result.inputs, self.tokens, result.spec.notify_to, subject, text)

@@ -26,8 +26,10 @@ import json
 import re
 import secrets
 import socket
+import ssl
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -36,6 +38,11 @@ from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from jwt.algorithms import RSAAlgorithm
+
 from smtp_oauth_operator.testing.pki import CertificateAuthority, ServerCert
 
 __all__ = [
@@ -43,6 +50,7 @@ __all__ = [
     "EXCHANGE_RESOURCE",
     "Endpoint",
     "FakeEntraID",
+    "FederatedCredential",
     "TokenInfo",
 ]
 
@@ -65,6 +73,25 @@ _DISCOVERY = re.compile(r"^/([^/]+)/v2\.0/\.well-known/openid-configuration$")
 _TOKEN = re.compile(r"^/([^/]+)/oauth2/v2\.0/token$")
 _KEYS = re.compile(r"^/([^/]+)/discovery/v2\.0/keys$")
 _MAX_BODY = 64 * 1024
+_JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+_SKEW = 300  # seconds of clock skew tolerated on nbf/exp
+
+
+def _unb64url(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError:
+        return b""
+
+
+def _get_json(url: str, context: ssl.SSLContext | None) -> dict[str, Any]:
+    if not url.startswith("https://"):
+        raise ValueError("not https")
+    with urllib.request.urlopen(url, context=context, timeout=10) as response:
+        data = json.loads(response.read(1 << 20))
+    if not isinstance(data, dict):
+        raise TypeError("not an object")
+    return data
 
 
 def _b64url(data: bytes) -> str:
@@ -99,6 +126,18 @@ class _App:
     token_lifetime: int
     roles: tuple[str, ...]
     display_name: str
+    certificates: dict[str, x509.Certificate] = field(default_factory=dict)  # SHA-256 hex -> cert
+    federated: list[FederatedCredential] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FederatedCredential:
+    """An app's federated identity credential, as ``az ad app federated-credential create`` makes it."""
+
+    issuer: str
+    subject: str
+    audiences: tuple[str, ...] = ("api://AzureADTokenExchange",)
+    name: str = "kubernetes"
 
 
 @dataclass
@@ -259,6 +298,8 @@ class FakeEntraID:
         self._token_requests_by_client: Counter[str] = Counter()
         self._discovery_requests = 0
         self._hung_requests = 0
+        self._assertions: list[str] = []
+        self._issuer_context: ssl.SSLContext | None = None
         self._connections: set[socket.socket] = set()
         self._stopping = threading.Event()
         self._server: _Server | None = None
@@ -430,6 +471,43 @@ class FakeEntraID:
     def set_token_lifetime(self, tenant: str, client_id: str, seconds: int) -> None:
         with self._lock:
             self._require_app(tenant, client_id).token_lifetime = seconds
+
+    def add_certificate(self, tenant: str, client_id: str, cert_pem: str) -> str:
+        """Upload a certificate credential (Certificates & secrets); returns its SHA-256 thumbprint."""
+        cert = x509.load_pem_x509_certificate(cert_pem.encode())
+        thumbprint = cert.fingerprint(hashes.SHA256()).hex()
+        with self._lock:
+            self._require_app(tenant, client_id).certificates[thumbprint] = cert
+        return thumbprint
+
+    def remove_certificate(self, tenant: str, client_id: str, cert_pem: str) -> None:
+        cert = x509.load_pem_x509_certificate(cert_pem.encode())
+        with self._lock:
+            self._require_app(tenant, client_id).certificates.pop(
+                cert.fingerprint(hashes.SHA256()).hex(), None
+            )
+
+    def add_federated_credential(self, tenant: str, client_id: str, credential: FederatedCredential) -> None:
+        """``az ad app federated-credential create``: trust tokens of ``issuer`` for ``subject``."""
+        with self._lock:
+            self._require_app(tenant, client_id).federated.append(credential)
+
+    def clear_federated_credentials(self, tenant: str, client_id: str) -> None:
+        with self._lock:
+            self._require_app(tenant, client_id).federated.clear()
+
+    def trust_issuers(self, ca_pem: str) -> None:
+        """The CA that issuers' HTTPS certificates chain to (Entra ID trusts public CAs; a local issuer
+        or a test cluster's API server has its own)."""
+        context = ssl.create_default_context(cadata=ca_pem)
+        with self._lock:
+            self._issuer_context = context
+
+    @property
+    def received_assertions(self) -> list[str]:
+        """Every client assertion presented (leak canaries: none may appear in output)."""
+        with self._lock:
+            return list(self._assertions)
 
     def remove_app(self, tenant: str, client_id: str) -> None:
         """Delete the app registration (subsequent token requests get AADSTS700016)."""
@@ -808,6 +886,11 @@ class FakeEntraID:
                 "by the administrator of the tenant or consented to by any user in the tenant. You "
                 "may have sent your authentication request to the wrong tenant.",
             )
+        if form.get("client_assertion") or form.get("client_assertion_type"):
+            self._check_assertion(app, form, known)
+            resource = self._resource(form["scope"], known)
+            self._json(request, 200, self._issue_response(app, resource), correlation)
+            return
         secret = form.get("client_secret")
         if not secret:
             raise _HttpError(
@@ -848,6 +931,214 @@ class FakeEntraID:
             },
             correlation,
         )
+
+    def _issue_response(self, app: _App, resource: str) -> dict[str, Any]:
+        token = self._issue(app, resource)
+        return {
+            "token_type": "Bearer",
+            "expires_in": app.token_lifetime,
+            "ext_expires_in": app.token_lifetime,
+            "access_token": token,
+        }
+
+    # ----------------------------------------------------------------- private_key_jwt and federation
+
+    def _check_assertion(self, app: _App, form: dict[str, str], tenant: _Tenant) -> None:
+        """Entra ID's checks of a client assertion, in its order: shape, whose it is (the app's own
+        certificate, or a federated issuer), signature, lifetime, then the federated record."""
+        assertion = form.get("client_assertion", "")
+        if form.get("client_assertion_type") != _JWT_BEARER or not assertion:
+            raise _HttpError(
+                400,
+                "invalid_request",
+                7000218,
+                "The request body must contain the following parameter: 'client_assertion' or "
+                "'client_secret'.",
+            )
+        with self._lock:
+            self._assertions.append(assertion)
+        try:
+            header = jwt.get_unverified_header(assertion)
+            claims = jwt.decode(assertion, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise _HttpError(400, "invalid_request", 50027, "JWT token is invalid or malformed.") from None
+        if claims.get("iss") == app.client_id or claims.get("sub") == app.client_id:
+            self._check_certificate_assertion(app, assertion, header, claims, tenant)
+        else:
+            self._check_federated_assertion(app, assertion, header, claims)
+
+    def _check_certificate_assertion(
+        self, app: _App, assertion: str, header: dict[str, Any], claims: dict[str, Any], tenant: _Tenant
+    ) -> None:
+        if claims.get("iss") != app.client_id or claims.get("sub") != app.client_id:
+            raise _HttpError(
+                401,
+                "invalid_client",
+                700021,
+                "Client assertion application identifier doesn't match 'client_id' parameter. Review the "
+                "documentation at https://docs.microsoft.com/en-us/azure/active-directory/develop/"
+                "active-directory-certificate-credentials .",
+            )
+        with self._lock:
+            registered = dict(app.certificates)
+        cert: x509.Certificate | None = None
+        if "x5t#S256" in header:
+            presented = _unb64url(str(header["x5t#S256"])).hex()
+            cert = registered.get(presented)
+        elif "x5t" in header:
+            presented = _unb64url(str(header["x5t"])).hex()
+            cert = next(
+                (c for c in registered.values() if c.fingerprint(hashes.SHA1()).hex() == presented), None
+            )
+        else:
+            raise _HttpError(
+                401,
+                "invalid_client",
+                5002723,
+                "Invalid JWT header: the client assertion has no 'x5t', 'x5t#S256' or 'kid' header.",
+            )
+        if cert is None:
+            raise _HttpError(
+                401,
+                "invalid_client",
+                700027,
+                "The certificate with identifier used to sign the client assertion is not registered on "
+                f"application. [Reason - The key was not found., Thumbprint of key used by client: "
+                f"'{presented.upper()}', Please visit the Azure Portal, Graph Explorer or directly use MS "
+                f"Graph to see configured keys for app Id '{app.client_id}'.]",
+            )
+        algorithm = str(header.get("alg", ""))
+        try:
+            jwt.decode(
+                assertion,
+                cert.public_key(),  # type: ignore[arg-type]  # an RSA key, checked at registration
+                algorithms=[algorithm] if algorithm in {"RS256", "PS256"} else ["RS256"],
+                options={"verify_exp": False, "verify_nbf": False, "verify_aud": False, "verify_iat": False},
+            )
+        except jwt.PyJWTError:
+            raise _HttpError(
+                401, "invalid_client", 700027, "Client assertion failed signature validation."
+            ) from None
+        self._check_lifetime(claims)
+        endpoints = {
+            self.token_endpoint(tenant.tenant_id).lower(),
+            *(f"{self.authority_host}/{d}/oauth2/v2.0/token".lower() for d in tenant.domains),
+        }
+        if str(claims.get("aud", "")).lower() not in endpoints:
+            raise _HttpError(
+                401,
+                "invalid_client",
+                700212,
+                f"No matching federated identity record found for presented assertion audience "
+                f"'{claims.get('aud')}'.",
+            )
+
+    def _check_lifetime(self, claims: dict[str, Any]) -> None:
+        now = time.time()
+        exp = claims.get("exp")
+        nbf = claims.get("nbf", claims.get("iat"))
+        if (
+            not isinstance(exp, int | float)
+            or (isinstance(nbf, int | float) and nbf > now + _SKEW)
+            or exp < now - _SKEW
+        ):
+
+            def stamp(value: Any) -> str:
+                if not isinstance(value, int | float):
+                    return "unknown"
+                return dt.datetime.fromtimestamp(value, dt.UTC).strftime("%m/%d/%Y %H:%M:%S")
+
+            raise _HttpError(
+                401,
+                "invalid_client",
+                700024,
+                f"Client assertion is not within its valid time range. Current time: {stamp(now)}, "
+                f"assertion valid from {stamp(nbf)}, expiry time of assertion {stamp(exp)}. Review the "
+                "documentation at https://docs.microsoft.com/en-us/azure/active-directory/develop/"
+                "active-directory-certificate-credentials .",
+            )
+
+    def _check_federated_assertion(
+        self, app: _App, assertion: str, header: dict[str, Any], claims: dict[str, Any]
+    ) -> None:
+        issuer = str(claims.get("iss", ""))
+        subject = str(claims.get("sub", ""))
+        audiences = claims.get("aud")
+        presented_aud = audiences if isinstance(audiences, list) else [audiences]
+        with self._lock:
+            records = [f for f in app.federated if f.issuer == issuer]
+        hint = (
+            "Please note that the matching is done using a case-sensitive comparison. Check your federated "
+            "identity credential Subject, Audience and Issuer against the presented assertion. "
+            "https://learn.microsoft.com/entra/workload-id/workload-identity-federation"
+        )
+        if not records:
+            raise _HttpError(
+                400,
+                "invalid_client",
+                700211,
+                f"No matching federated identity record found for presented assertion issuer '{issuer}'. {hint}",
+            )
+        keys = self._issuer_keys(issuer)
+        kid = header.get("kid")
+        key = next((k for k in keys if kid is None or k.get("kid") == kid), None)
+        try:
+            if key is None:
+                raise jwt.InvalidSignatureError
+            public = RSAAlgorithm.from_jwk(json.dumps(key))
+            jwt.decode(
+                assertion,
+                public,  # type: ignore[arg-type]
+                algorithms=["RS256"],
+                options={"verify_exp": False, "verify_nbf": False, "verify_aud": False, "verify_iat": False},
+            )
+        except (jwt.PyJWTError, ValueError, KeyError):
+            raise _HttpError(
+                401,
+                "invalid_client",
+                700027,
+                "Client assertion failed signature validation. [Reason - The key was not found in the "
+                f"issuer's keys. Issuer: '{issuer}']",
+            ) from None
+        self._check_lifetime(claims)
+        records = [f for f in records if f.subject == subject]
+        if not records:
+            raise _HttpError(
+                400,
+                "invalid_client",
+                700213,
+                f"No matching federated identity record found for presented assertion subject '{subject}'. {hint}",
+            )
+        if not any(a in f.audiences for f in records for a in presented_aud):
+            raise _HttpError(
+                400,
+                "invalid_client",
+                700212,
+                f"No matching federated identity record found for presented assertion audience "
+                f"'{' '.join(str(a) for a in presented_aud)}'. {hint}",
+            )
+
+    def _issuer_keys(self, issuer: str) -> list[dict[str, Any]]:
+        """Fetch the issuer's discovery document and JWKS as Entra ID does (no caching: every
+        assertion sees the issuer's current keys)."""
+        with self._lock:
+            context = self._issuer_context
+        try:
+            discovery = _get_json(issuer.rstrip("/") + "/.well-known/openid-configuration", context)
+            if str(discovery.get("issuer", "")).rstrip("/") != issuer.rstrip("/"):
+                raise ValueError("issuer mismatch")
+            jwks = _get_json(str(discovery["jwks_uri"]), context)
+            keys = jwks["keys"]
+            if not isinstance(keys, list):
+                raise TypeError("no keys")
+        except (OSError, ValueError, KeyError, TypeError):
+            raise _HttpError(
+                401,
+                "invalid_client",
+                50166,
+                f"Request to External OIDC endpoint failed. [Issuer: '{issuer}']",
+            ) from None
+        return [k for k in keys if isinstance(k, dict)]
 
     def _resource(self, scope: str, tenant: _Tenant) -> str:
         scopes = [s for s in scope.split() if s.lower() not in _RESERVED_SCOPES]

@@ -28,7 +28,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["CertificateAuthority", "ServerCert", "build_ca_certificate", "build_leaf_certificate"]
+__all__ = [
+    "CertificateAuthority",
+    "ClientCredentialCert",
+    "ServerCert",
+    "build_ca_certificate",
+    "build_leaf_certificate",
+    "client_credential_cert",
+]
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -287,3 +294,74 @@ class CertificateAuthority:
             ca_file=ca_file,
             not_valid_after=not_after,
         )
+
+
+@dataclass(frozen=True)
+class ClientCredentialCert:
+    """A certificate credential for an app registration, as a kubernetes.io/tls Secret holds it.
+
+    Self-signed like ``New-SelfSignedCertificate`` / ``openssl req -x509`` output that admins upload
+    to Entra ID; RSA, because Entra ID verifies client assertions with RSA keys only.
+    """
+
+    cert_pem: str
+    key_pem: str = field(repr=False)
+    not_after: dt.datetime
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert_pem.encode())
+
+    @property
+    def thumbprint_sha256(self) -> str:
+        return self.certificate.fingerprint(hashes.SHA256()).hex()
+
+    def secret(self, name: str, namespace: str) -> dict[str, object]:
+        """The kubernetes.io/tls Secret manifest holding this credential."""
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/tls",
+            "metadata": {"name": name, "namespace": namespace},
+            "stringData": {"tls.crt": self.cert_pem, "tls.key": self.key_pem},
+        }
+
+
+def client_credential_cert(
+    common_name: str = "smtp-oauth-operator",
+    *,
+    not_after: dt.datetime | None = None,
+    days: int = 365,
+    key_type: str = "rsa",
+    key_format: str = "pkcs8",
+) -> ClientCredentialCert:
+    """A self-signed certificate credential (``key_type`` ``rsa`` or ``ec``; ``key_format`` ``pkcs8``
+    or ``pkcs1``, the traditional ``BEGIN RSA PRIVATE KEY`` form)."""
+    from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415 - only here
+
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    key = (
+        rsa.generate_private_key(65537, 2048)
+        if key_type == "rsa"
+        else ec.generate_private_key(ec.SECP256R1())
+    )
+    now = _now()
+    end = not_after or now + dt.timedelta(days=days)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(min(now - dt.timedelta(minutes=5), end - dt.timedelta(days=1)))
+        .not_valid_after(end)
+        .sign(key, hashes.SHA256())
+    )
+    fmt = (
+        serialization.PrivateFormat.TraditionalOpenSSL
+        if key_format == "pkcs1"
+        else serialization.PrivateFormat.PKCS8
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()).decode()
+    return ClientCredentialCert(_cert_pem(cert), key_pem, end)
