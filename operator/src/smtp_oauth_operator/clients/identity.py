@@ -4,7 +4,8 @@ One MSAL ``ConfidentialClientApplication`` is kept per (authority, client, crede
 its in-memory token cache is what lets a thousand SmtpOAuthConfigs sharing one app registration cost
 one token request per token lifetime. Nothing here is ever written to disk or to the API server.
 
-MSAL's HTTP is synchronous (requests), so every call runs in a worker thread. We hand MSAL our own
+MSAL's HTTP is synchronous (requests), so every call runs in a thread of a bounded pool of its own: a
+black-holed identity provider holds those threads only, never the ones the Kubernetes client uses. We hand MSAL our own
 ``requests.Session`` with ``trust_env=False``: otherwise the ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``
 variables silently override the CA bundle we pass, and ``HTTPS_PROXY`` overrides ``spec.proxy``.
 A response hook records each HTTP status and ``Retry-After``, which MSAL's result does not carry.
@@ -29,6 +30,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -73,6 +75,10 @@ _ERRORS: dict[str, Reason] = {
     "invalid_resource": Reason.INVALID_SCOPE,
 }
 _T = ConditionType.TOKEN_ACQUIRED
+TOKEN_THREADS = 16  # token requests in flight at once (one per application at most)
+# ... and at most this many to one identity provider (through one proxy): a black-holed peer holds
+# that many threads, and the others keep being served by the rest of the pool.
+TOKEN_THREADS_PER_PEER = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +253,16 @@ class TokenProvider:
     provider, with the reason value or ``"Success"``; cache hits are not requests.
     """
 
-    def __init__(self, *, max_apps: int = 512, on_request: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_apps: int = 512,
+        on_request: Callable[[str], None] | None = None,
+        threads: int = TOKEN_THREADS,
+    ) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="msal")
+        self._per_peer = max(1, min(TOKEN_THREADS_PER_PEER, threads // 2))
+        self._peers: dict[tuple[str, str], asyncio.Semaphore] = {}
         self._apps: OrderedDict[tuple[str, ...], _App] = OrderedDict()
         self._max_apps = max_apps
         self._on_request = on_request or (lambda _result: None)
@@ -282,8 +297,35 @@ class TokenProvider:
         app = self._app(request)
         # One request in flight per application: concurrent tests of resources that share an app
         # registration wait here and then find the token in the cache.
-        async with app.lock:
-            return await asyncio.to_thread(self._acquire_sync, app, request)
+        await app.lock.acquire()
+        peer = (urlsplit(request.authority_host).netloc, request.proxy_url or "")
+        slot = self._peers.setdefault(peer, asyncio.Semaphore(self._per_peer))
+        try:
+            await slot.acquire()
+        except BaseException:
+            app.lock.release()
+            raise
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._pool, self._acquire_sync, app, request)
+        except BaseException:
+            slot.release()
+            app.lock.release()
+            raise
+
+        # A thread can not be interrupted: if the caller's deadline cancels the wait, the application
+        # and the peer's slot stay taken until its request ends, so no second request shares the
+        # session meanwhile and a black hole never holds more than its share of the pool.
+        def finished(done: asyncio.Future[AccessToken]) -> None:
+            if not done.cancelled():
+                done.exception()  # retrieved: a result nobody awaits any more is not an error
+            slot.release()
+            app.lock.release()
+
+        future.add_done_callback(finished)
+        return await asyncio.shield(future)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- worker thread -------------------------------------------------------------------------
 

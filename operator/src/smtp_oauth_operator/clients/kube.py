@@ -1,6 +1,7 @@
 """The Kubernetes API, as this operator uses it: read Secrets/ConfigMaps, write status, post Events.
 
-Wraps the official ``kubernetes`` client (synchronous, so every call runs in a worker thread) and turns
+Wraps the official ``kubernetes`` client (synchronous, so every call runs in a thread of our own pool,
+not asyncio's default one that MSAL's requests could fill) and turns
 its ``ApiException`` into our own errors: a missing object is ``None``, a 403 is a classified
 :class:`CheckFailed` (AccessDenied) that the user sees in a condition, anything else is
 :class:`KubeUnavailable`, which the reconciler retries with backoff without touching status.
@@ -11,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import logging
 import os
 import socket
 import uuid
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -32,6 +35,7 @@ __all__ = ["Kube", "KubeUnavailable"]
 logger = logging.getLogger(__name__)
 COMPONENT = "smtp-oauth-operator"
 MAX_EVENT_MESSAGE = 1024
+API_THREADS = 8  # concurrent API calls; each holds one thread and one pooled connection
 
 
 class KubeUnavailable(ConnectionError):
@@ -43,8 +47,11 @@ def _timestamp(moment: datetime | None = None) -> str:
 
 
 class Kube:
-    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
+    def __init__(self, api_client: kubernetes.client.ApiClient, *, threads: int = API_THREADS) -> None:
         self.api_client = api_client
+        # Bounded and ours alone: a slow identity provider or proxy holding other threads can not
+        # delay a Secret read or a status write.
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube-api")
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
         self.instance = os.environ.get("POD_NAME") or socket.gethostname()
@@ -60,14 +67,17 @@ class Kube:
         # The client retries 3 times by default, hiding an outage for minutes; the reconciler has its
         # own backoff.
         configuration.retries = urllib3.Retry(total=1, backoff_factor=0.2)
+        configuration.connection_pool_maxsize = API_THREADS
         return cls(kubernetes.client.ApiClient(configuration))
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.api_client.close()
 
     async def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await asyncio.to_thread(fn, *args, _request_timeout=30, **kwargs)
+            call = functools.partial(fn, *args, _request_timeout=30, **kwargs)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, call)
         except ApiException as exc:
             if exc.status == 404:
                 return None

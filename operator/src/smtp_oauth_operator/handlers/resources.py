@@ -3,6 +3,9 @@
 Secrets and ConfigMaps are watched cluster-wide (or in the operator's namespaces) but nothing of them is
 kept: an event for an object no SmtpOAuthConfig references is dropped by the ``when`` filter, and one
 that is referenced only queues its users, which then read the object fresh.
+
+The handlers are ``async def`` so that kopf calls them on the event loop: the reconciler's state is
+loop-only (kopf would run a plain function in a worker thread).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ __all__ = ["on_config_event", "on_configmap_event", "on_secret_event"]
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def on_config_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def on_config_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     reconciler: Reconciler = memo.reconciler
     if event.get("type") == "DELETED":
         reconciler.forget(body.metadata.namespace or "", body.metadata.name or "")
@@ -35,10 +38,10 @@ def _referenced(kind: str) -> Any:
 
 
 @kopf.on.event("", "v1", "secrets", when=_referenced("Secret"))
-def on_secret_event(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+async def on_secret_event(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     memo.reconciler.poke("Secret", namespace, name)
 
 
 @kopf.on.event("", "v1", "configmaps", when=_referenced("ConfigMap"))
-def on_configmap_event(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+async def on_configmap_event(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     memo.reconciler.poke("ConfigMap", namespace, name)

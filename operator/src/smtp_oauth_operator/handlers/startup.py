@@ -97,6 +97,13 @@ async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.probe(id="reconciler")
-def reconciler_alive(memo: kopf.Memo, **_: Any) -> bool:
+async def reconciler_alive(memo: kopf.Memo, **_: Any) -> str:
+    # kopf serves whatever a probe handler returns (False included) as HTTP 200; only an exception
+    # makes /healthz answer 500, which is what makes the kubelet restart the Pod.
     reconciler: Reconciler | None = getattr(memo, "reconciler", None)
-    return reconciler is not None and reconciler.alive
+    if reconciler is None:
+        raise kopf.PermanentError("the reconciler has not started")
+    problem = reconciler.health()
+    if problem is not None:
+        raise kopf.PermanentError(problem)
+    return "ok"

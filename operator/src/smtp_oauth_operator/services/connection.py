@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from smtp_oauth_operator.clients.identity import FederatedAssertion, TokenProvider, TokenRequest
-from smtp_oauth_operator.clients.smtp import Message, SmtpTarget, authenticate
+from smtp_oauth_operator.clients.smtp import Message, SmtpResult, SmtpTarget, authenticate
 from smtp_oauth_operator.domain.credentials import CertificateCredential, CertificateError, parse_certificate
 from smtp_oauth_operator.domain.objects import ObjectSource, SourceObject
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
@@ -363,6 +363,40 @@ def smtp_target(spec: SmtpOAuthSpec, inputs: Inputs) -> SmtpTarget:
     )
 
 
+# Each step's timeouts are per socket operation; a peer that trickles bytes, or a thread stuck in a
+# black-holed connection, could hold a worker for ever. A deadline per step bounds the whole step:
+# a token request may take two round trips (metadata, then token), an SMTP session several.
+DEADLINE_FACTOR = 2.0
+
+
+async def _token(tokens: TokenProvider, request: TokenRequest, deadline: float | None = None) -> str:
+    limit = deadline if deadline is not None else request.timeout * DEADLINE_FACTOR
+    try:
+        async with asyncio.timeout(limit):
+            token = await tokens.acquire(request)
+    except TimeoutError:
+        raise CheckFailed(
+            Reason.IDENTITY_PROVIDER_UNREACHABLE,
+            f"the identity provider {urlsplit(request.authority_host).netloc} did not issue a token "
+            f"within {limit:g} s",
+        ) from None
+    return token.value
+
+
+async def _session(
+    target: SmtpTarget, username: str, token: str, message: Message | None, deadline: float | None = None
+) -> SmtpResult:
+    limit = deadline if deadline is not None else target.timeout * DEADLINE_FACTOR
+    try:
+        async with asyncio.timeout(limit):
+            return await authenticate(target, username, token, message=message)
+    except TimeoutError:
+        raise CheckFailed(
+            Reason.SMTP_CONNECTION_TIMEOUT,
+            f"the SMTP session with {target.describe()} did not end within {limit:g} s",
+        ) from None
+
+
 async def run(
     spec: SmtpOAuthSpec,
     inputs: Inputs,
@@ -370,8 +404,11 @@ async def run(
     *,
     where: str,
     now: datetime | None = None,
+    deadline: float | None = None,
 ) -> ConnectionTestResult:
-    """Acquire a token and authenticate to SMTP; the result, never an exception, for CheckFailed."""
+    """Acquire a token and authenticate to SMTP; the result, never an exception, for CheckFailed.
+
+    ``deadline`` bounds each step (default: twice its timeout)."""
     started = now or datetime.now(UTC)
     clock = time.monotonic()
     request = token_request(spec, inputs)
@@ -387,9 +424,9 @@ async def run(
     failure: CheckFailed | None = None
     sent = False
     try:
-        token = await tokens.acquire(request)
+        token = await _token(tokens, request, deadline)
         try:
-            result = await authenticate(target, spec.username, token.value, message=message)
+            result = await _session(target, spec.username, token, message, deadline)
             sent = result.sent is not None
         except CheckFailed as exc:
             if exc.reason is Reason.AUTHENTICATION_REJECTED:
@@ -413,10 +450,10 @@ async def send_mail(
     spec: SmtpOAuthSpec, inputs: Inputs, tokens: TokenProvider, to: tuple[str, ...], subject: str, body: str
 ) -> None:
     """Send one message through this very configuration (alarm e-mails); raises CheckFailed."""
-    token = await tokens.acquire(token_request(spec, inputs))
-    await authenticate(
+    token = await _token(tokens, token_request(spec, inputs))
+    await _session(
         smtp_target(spec, inputs),
         spec.username,
-        token.value,
-        message=Message(sender=spec.username, to=to, subject=subject, body=body),
+        token,
+        Message(sender=spec.username, to=to, subject=subject, body=body),
     )
