@@ -210,6 +210,9 @@ def test_status_fields() -> None:
         "observedFingerprint": "string",
         "handledRecheck": "string",
         "clientCertificate": "object",
+        "expirySource": "string",
+        "expiryMismatch": "object",
+        "appCredentials": "array",
     }
     assert {k: v["type"] for k, v in props.items()} == expected
     for name in ("lastTestTime", "nextTestTime", "clientSecretExpiresAt"):

@@ -28,6 +28,8 @@ EVENTS = {
     "ClientCertificateRotated": "Normal",
     "AlarmNotificationFailed": "Warning",
     "SecretNotProtected": "Warning",
+    "ExpiryMismatch": "Warning",
+    "ExpiryDiscoveryFailed": "Warning",
 }
 
 

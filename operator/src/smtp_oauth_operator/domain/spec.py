@@ -50,6 +50,12 @@ class Cloud:
     smtp_host: str
     # The audience Entra ID expects in a federated (workload identity) assertion in this cloud.
     federation_audience: str = "api://AzureADTokenExchange"
+    # Microsoft Graph's host, which is also its token resource (scope = graph_host + "/.default").
+    graph_host: str = "https://graph.microsoft.com"
+
+    @property
+    def graph_scope(self) -> str:
+        return f"{self.graph_host}/.default"
 
 
 # Sovereign-cloud endpoints are community-sourced (protocol-facts.md §7): every one can be overridden.
@@ -64,12 +70,14 @@ CLOUDS: dict[str, Cloud] = {
         "https://outlook.office365.us/.default",
         "smtp.office365.us",
         "api://AzureADTokenExchangeUSGov",
+        "https://graph.microsoft.us",
     ),
     "AzureChina": Cloud(
         "https://login.partner.microsoftonline.cn",
         "https://partner.outlook.cn/.default",
         "smtp.partner.outlook.cn",
         "api://AzureADTokenExchangeChina",
+        "https://microsoftgraph.chinacloudapi.cn",
     ),
 }
 
@@ -149,6 +157,13 @@ class SmtpOAuthSpec:
     secret_policy: Literal["Warn", "Require", "Ignore"] = "Warn"
     client_certificate: ClientCertificate | None = None
     workload_identity: WorkloadIdentity | None = None
+    discover_graph: bool = False  # spec.identity.discovery.graph
+    graph_host: str = "https://graph.microsoft.com"  # where Graph is reached (overridable for tests)
+
+    @property
+    def graph_scope(self) -> str:
+        """Graph's token scope: the cloud's Graph resource, whatever host serves it."""
+        return CLOUDS[self.cloud].graph_scope
 
     @property
     def credential_kind(self) -> CredentialKind:
@@ -319,6 +334,11 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
         )
 
     secret_ref, expires_at, expires_at_key, certificate, workload = _parse_credential(ident, cloud)
+    discovery = ident.sub("discovery")
+    discover_graph = discovery.data.get("graph", False)
+    if not isinstance(discover_graph, bool):
+        raise SpecError("identity.discovery.graph", "must be true or false")
+    graph_host = _https_url(discovery.text("graphHost", cloud.graph_host), "identity.discovery.graphHost")
 
     proxy_url = r.sub("proxy").opt_text("url")
     if proxy_url is not None and not re.fullmatch(r"https?://[^\s/]+/?", proxy_url):
@@ -382,6 +402,8 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
         secret_policy=policy,  # type: ignore[arg-type]  # enum() checked it
         client_certificate=certificate,
         workload_identity=workload,
+        discover_graph=discover_graph,
+        graph_host=graph_host.rstrip("/"),
     )
 
 

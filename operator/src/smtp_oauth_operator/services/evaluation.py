@@ -14,6 +14,7 @@ from typing import Any
 
 from smtp_oauth_operator.clients.identity import TokenProvider
 from smtp_oauth_operator.domain import expiry as expiry_maths
+from smtp_oauth_operator.domain.discovery import Discovery
 from smtp_oauth_operator.domain.protection import Protection, assess
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
 from smtp_oauth_operator.domain.spec import (
@@ -25,6 +26,7 @@ from smtp_oauth_operator.domain.spec import (
 )
 from smtp_oauth_operator.domain.status import ConnectionTestResult, Decision, Observation, decide
 from smtp_oauth_operator.services.connection import Inputs, ObjectSource, resolve, run
+from smtp_oauth_operator.services.discovery import GraphDiscovery
 
 __all__ = ["Pass", "backoff", "evaluate"]
 
@@ -41,6 +43,7 @@ class Pass:
     inputs: Inputs | None
     test: ConnectionTestResult | None
     next_due: datetime | None
+    expires_at: datetime | None = None  # the expiry the alarms and the metric use (Graph's, if discovered)
 
 
 def backoff(failures: int, interval: timedelta, retry_after: float | None) -> timedelta:
@@ -108,8 +111,10 @@ async def evaluate(
     *,
     now: datetime,
     force: bool = False,
+    discovery: GraphDiscovery | None = None,
 ) -> Pass:
-    """Run one pass; ``force`` tests even when the last test is fresh (the CLI)."""
+    """Run one pass; ``force`` tests even when the last test is fresh (the CLI). ``discovery`` holds the
+    process's Graph reads (a fresh one, reading at once, when not given)."""
     metadata = body.get("metadata") or {}
     namespace = str(metadata.get("namespace") or "default")
     name = str(metadata.get("name") or "?")
@@ -183,7 +188,13 @@ async def evaluate(
         else:
             due_at = now + spec.recheck_interval
 
-    expires_at = inputs.expires_at if inputs else spec.expires_at
+    typed = inputs.expires_at if inputs else spec.expires_at
+    discovered = None
+    if inputs is not None and spec.discover_graph:
+        finder = discovery if discovery is not None else GraphDiscovery()
+        manual = recheck is not None and status.get("handledRecheck") != recheck
+        discovered = await finder.discover(spec, inputs, tokens, now=now, refresh=force or manual)
+    expires_at = _effective_expiry(spec, typed, discovered, status)
     expiry = expiry_maths.evaluate(expires_at, now, spec.warn_before_days)
     protection = assess(secret_name, inputs.secret_metadata, spec.secret_policy) if inputs else None
     if spec.workload_identity is not None:
@@ -206,7 +217,30 @@ async def evaluate(
         consecutive_failures=failures,
         credential=spec.credential_kind,
         certificate=inputs.certificate.status() if inputs and inputs.certificate else None,
+        discovery_enabled=spec.discover_graph,
+        discovery=discovered,
+        typed_expires_at=typed if spec.credential_kind == "ClientSecret" else None,
     )
     decision = decide(status, observation)
-    next_due = min((t for t in (due_at, expiry.next_change) if t is not None), default=None)
-    return Pass(decision, spec, inputs, record, next_due)
+    retry = discovered.retry_at if discovered else None
+    next_due = min((t for t in (due_at, expiry.next_change, retry) if t is not None), default=None)
+    return Pass(decision, spec, inputs, record, next_due, expires_at)
+
+
+def _effective_expiry(
+    spec: SmtpOAuthSpec, typed: datetime | None, discovered: Discovery | None, status: Mapping[str, Any]
+) -> datetime | None:
+    """Graph's date wins for a client secret (a certificate's own notAfter is already the truth).
+
+    When Graph can not be read now but was before (status.expirySource Graph, e.g. before a restart),
+    its last date is kept, so a throttled read never moves the alarms back to a typed date."""
+    if spec.credential_kind != "ClientSecret" or discovered is None:
+        return typed
+    if discovered.expires_at is not None:
+        return discovered.expires_at
+    if discovered.credentials is None and status.get("expirySource") == "Graph":
+        try:
+            return parse_time(str(status.get("clientSecretExpiresAt") or ""))
+        except ValueError:
+            return typed
+    return typed

@@ -322,7 +322,7 @@ class FakeGraph:
     def _find(self, tenant: str, key: str, *, by_app_id: bool) -> _App:
         with self.idp.lock:
             for app in self.idp.apps(tenant):
-                if (app.client_id if by_app_id else app.object_id).lower() == key.lower():
+                if not app.guest and (app.client_id if by_app_id else app.object_id).lower() == key.lower():
                     return app
         raise _GraphError(
             404,

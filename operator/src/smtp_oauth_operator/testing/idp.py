@@ -136,6 +136,9 @@ class _App:
     key_meta: dict[str, PasswordMeta] = field(default_factory=dict)  # SHA-256 thumbprint -> metadata
     owners: set[str] = field(default_factory=set)  # client IDs (lower-case) of owning service principals
     api_roles: dict[str, tuple[str, ...]] = field(default_factory=dict)  # resource (lower) -> roles
+    # A multi-tenant app published by another tenant: here only its service principal exists, so
+    # Graph has no application object for it in this tenant (404), yet tokens are issued.
+    guest: bool = False
 
     def password(self, value: str) -> PasswordMeta:
         """Graph's record of a secret, made on first sight for secrets registered without one."""
@@ -544,6 +547,11 @@ class FakeEntraID:
         """Make ``owner_client_id``'s service principal an owner of the app (itself, for OwnedBy)."""
         with self._lock:
             self._require_app(tenant, client_id).owners.add(owner_client_id.lower())
+
+    def make_guest(self, tenant: str, client_id: str) -> None:
+        """The app becomes a multi-tenant app registered elsewhere (Graph: Request_ResourceNotFound)."""
+        with self._lock:
+            self._require_app(tenant, client_id).guest = True
 
     def provision_resource(self, resource: str) -> None:
         """Make ``resource`` (e.g. Microsoft Graph) known in every tenant, present and future."""
