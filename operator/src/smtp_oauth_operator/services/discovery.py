@@ -46,6 +46,10 @@ class _Entry:
     fresh_until: datetime
 
 
+def _throttled(result: GraphApplication | CheckFailed) -> bool:
+    return isinstance(result, CheckFailed) and result.reason in {Reason.GRAPH_THROTTLED, Reason.THROTTLED}
+
+
 class GraphDiscovery:
     """Loop-only, like the reconciler: one per process (the CLI makes its own)."""
 
@@ -78,7 +82,9 @@ class GraphDiscovery:
         async with lock:
             entry = self._apps.get(app_key)
             failure = self._failures.get(failure_key)
-            if refresh or (
+            # A manual recheck reads again at once, except while Graph (or Entra ID) asked us to wait.
+            waiting = failure is not None and failure.fresh_until > now and _throttled(failure.result)
+            if (refresh and not waiting) or (
                 (entry is None or entry.fresh_until <= now)
                 and (failure is None or failure.fresh_until <= now)
             ):

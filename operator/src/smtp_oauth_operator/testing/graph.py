@@ -123,6 +123,7 @@ class FakeGraph:
         self._faults: list[_Fault] = []
         self._returned: list[str] = []
         self._requests: dict[str, int] = {"read": 0, "addPassword": 0, "removePassword": 0}
+        self._received = 0
         self._connections: set[socket.socket] = set()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -224,9 +225,16 @@ class FakeGraph:
         with self._lock:
             return dict(self._requests)
 
+    @property
+    def received(self) -> int:
+        """Every request that reached the server, refused, throttled or not."""
+        with self._lock:
+            return self._received
+
     def reset_counters(self) -> None:
         with self._lock:
             self._requests = dict.fromkeys(self._requests, 0)
+            self._received = 0
 
     def add_password(
         self, tenant: str, client_id: str, *, display_name: str | None = None, end: dt.datetime | None = None
@@ -244,6 +252,8 @@ class FakeGraph:
         parts = urlsplit(request.path)
         path = unquote(parts.path)
         correlation = request.headers.get("client-request-id") or str(uuid.uuid4())
+        with self._lock:
+            self._received += 1
         body = b""
         if method == "POST":
             length = int(request.headers.get("Content-Length") or 0)
