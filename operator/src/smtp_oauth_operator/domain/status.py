@@ -274,14 +274,15 @@ def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
         if cert
         else "create a new secret in Entra ID and update"
     )
-    if expiry.expires_at and prev_expires and expiry.expires_at > prev_expires and not new_mismatch:
-        message = (
-            f"{noun.capitalize()} of app {obs.client_id} now expires {format_date(expiry.expires_at)} "
-            f"(was {format_date(prev_expires)})."
-        )
-        events.append(Event("Normal", f"{kind}Rotated", message))
+    if expiry.expires_at and prev_expires and expiry.expires_at > prev_expires:
         status.pop("lastAlarm", None)
-        _history(status, f"{kind}Rotated", None, now, message)
+        if not new_mismatch:  # Graph correcting a typed date is said by ExpiryMismatch, not as a rotation
+            message = (
+                f"{noun.capitalize()} of app {obs.client_id} now expires {format_date(expiry.expires_at)} "
+                f"(was {format_date(prev_expires)})."
+            )
+            events.append(Event("Normal", f"{kind}Rotated", message))
+            _history(status, f"{kind}Rotated", None, now, message)
 
     if obs.credential == "WorkloadIdentity":
         exp_status, exp_reason = "False", Reason.NOT_EXPIRING
