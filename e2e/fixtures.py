@@ -31,6 +31,7 @@ import re
 import secrets
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -48,17 +49,29 @@ from smtp_oauth_operator.testing.devservers import DEFAULT_MAILBOX, DevServers
 __all__ = [
     "CRD_NAME",
     "MAILBOX",
-    "OPERATOR_BIN",
+    "OPERATOR_CMD",
     "App",
     "Dev",
     "Namespace",
     "OperatorProcess",
+    "operator_env",
     "wait_until",
 ]
 
 CRD_NAME = "smtpoauthconfigs.smtpoauth.dev"
 MAILBOX = DEFAULT_MAILBOX
-OPERATOR_BIN = REPO_ROOT / ".venv" / "bin" / "smtp-oauth-operator"
+# The operator runs from the interpreter running the tests (any venv, tox, CI image), not from a fixed
+# .venv: the package's ``__main__`` is the console script without depending on where it was installed.
+OPERATOR_CMD: tuple[str, ...] = (sys.executable, "-m", "smtp_oauth_operator")
+
+
+def operator_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with this checkout's sources importable, also when the package is not installed."""
+    src = str(REPO_ROOT / "operator" / "src")
+    paths = [src, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != src]]
+    return {**env, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 STARTED_LINE = "smtp-oauth-operator started"
 
 
@@ -206,13 +219,13 @@ class OperatorProcess:
     def start(self, timeout: float = 60.0) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
-        env = self.control_plane.env()
+        env = operator_env(self.control_plane.env())
         env["PYTHONUNBUFFERED"] = "1"
         # The fake servers' CA is given per resource (caBundle); nothing from the environment applies.
         for var in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "HTTPS_PROXY", "HTTP_PROXY", "https_proxy"):
             env.pop(var, None)
         cmd = [
-            str(OPERATOR_BIN),
+            *OPERATOR_CMD,
             "run",
             "-A",
             "--log-level",

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 import yaml
 from e2e.controlplane import REPO_ROOT, ControlPlane, free_port
+from e2e.fixtures import OPERATOR_CMD, operator_env
 
 from smtp_oauth_operator.testing.devservers import DevServers
 
@@ -38,7 +39,6 @@ pytestmark = pytest.mark.e2e
 
 CHART = REPO_ROOT / "charts" / "smtp-oauth-operator"
 TESTDATA = Path(__file__).resolve().parent / "testdata"
-OPERATOR_BIN = REPO_ROOT / ".venv" / "bin" / "smtp-oauth-operator"
 CRD_NAME = "smtpoauthconfigs.smtpoauth.dev"
 CLIENT_SECRET = "chart-e2e~CANARY.client-secret_0123456789"
 
@@ -187,11 +187,11 @@ class Operator:
         self.health_port = free_port()
         self.log_path = plane.tmp / f"{name}.log"
         self._log = self.log_path.open("wb")
-        env = {k: v for k, v in os.environ.items() if k not in {"HTTPS_PROXY", "https_proxy"}}
+        env = operator_env({k: v for k, v in os.environ.items() if k not in {"HTTPS_PROXY", "https_proxy"}})
         env["KUBECONFIG"] = str(kubeconfig)
         self.proc = subprocess.Popen(
             [
-                str(OPERATOR_BIN),
+                *OPERATOR_CMD,
                 "run",
                 *args,
                 "--log-level=debug",
@@ -895,8 +895,8 @@ def test_extra_ca_bundle_is_trusted_through_ssl_cert_file(plane: Plane, dev_serv
 
     def check(env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(OPERATOR_BIN), "check", "-f", str(manifests), "-o", "json"],
-            env={**os.environ, **env}, capture_output=True, text=True, timeout=120, check=False,
+            [*OPERATOR_CMD, "check", "-f", str(manifests), "-o", "json"],
+            env=operator_env({**os.environ, **env}), capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
 
     untrusted = check({})

@@ -22,6 +22,7 @@ from typing import Any
 
 import kubernetes
 import pytest
+import yaml
 from e2e.controlplane import ControlPlane
 from e2e.fixtures import Dev, Namespace, OperatorProcess, wait_until
 
@@ -271,3 +272,15 @@ def test_deleted_service_account_is_reported_at_the_next_token_request(
     assert f"{ns.name}/mail-sender" in ready["message"]
     assert "ConnectionTestFailed" in ns.event_reasons("mail")
     _no_leak(_everything(ns, operator, "mail"), dev.idp.received_assertions)
+
+
+def test_credential_samples_are_accepted_by_the_api_server(ns: Namespace) -> None:
+    samples = Path(__file__).resolve().parents[1] / "tests" / "samples"
+    for name in ("valid-certificate.yaml", "valid-workload-identity.yaml"):
+        docs = [
+            d
+            for d in yaml.safe_load_all((samples / name).read_text())
+            if d and d["kind"] == "SmtpOAuthConfig"
+        ]
+        out = ns.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(docs)).stdout
+        assert "created (server dry run)" in out, out

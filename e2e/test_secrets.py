@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
 import time
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 from e2e.controlplane import ControlPlane
-from e2e.fixtures import OPERATOR_BIN, App, Dev, Namespace, OperatorProcess, wait_until
+from e2e.fixtures import OPERATOR_CMD, App, Dev, Namespace, OperatorProcess, operator_env, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -274,7 +275,8 @@ def _run_check_cli(ns: Namespace, dev: Dev, tmp_path: Path, apps: dict[str, App]
     output = []
     for fmt in ("text", "json"):
         proc = subprocess.run(
-            [str(OPERATOR_BIN), "check", "-f", str(manifest), "-o", fmt],
+            [*OPERATOR_CMD, "check", "-f", str(manifest), "-o", fmt],
+            env=operator_env(os.environ),
             capture_output=True,
             text=True,
             timeout=120,

@@ -114,6 +114,7 @@ def test_certificate_ready(
     code, result = run_check(peers, capsys, caplog, path, secrets=[credential.key_pem])
     assert code == 0, result["message"]
     assert conditions(result)["TokenAcquired"] == ("True", "TokenIssued")
+    assert result["clientCertificate"]["thumbprintSHA256"] == credential.thumbprint_sha256
     expiring = next(c for c in result["conditions"] if c["type"] == "CredentialExpiring")
     assert expiring["reason"] == "NotExpiring"
     assert "certificate expires" in expiring["message"]

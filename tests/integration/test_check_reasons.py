@@ -8,10 +8,12 @@ that the leak canary (the client secret) and every issued token are absent from 
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from tests.integration.conftest import CANARY, CLIENT, MAILBOX, TENANT, Peers
@@ -33,9 +35,26 @@ def run_check(
     assert CANARY not in everything
     for token in peers.idp.issued_tokens:
         assert token not in everything
+    for form in PROXY_CANARIES:
+        assert form not in everything, form
     results = json.loads(out)
     assert len(results) == 1
     return code, results[0]
+
+
+# Proxy credentials are a secret too: the password, the user-info and the Proxy-Authorization value.
+PROXY_USER = "proxy-user"
+PROXY_PASSWORD = "PROXY~canary.pa55-0123456789"
+PROXY_BASIC = base64.b64encode(f"{PROXY_USER}:{PROXY_PASSWORD}".encode()).decode()
+PROXY_CANARIES = (PROXY_PASSWORD, f"{PROXY_USER}:{PROXY_PASSWORD}", PROXY_BASIC)
+
+
+def _authenticating_proxy(**options: Any) -> HttpConnectProxy:
+    return HttpConnectProxy(credentials=(PROXY_USER, PROXY_PASSWORD), **options)
+
+
+def _with_credentials(proxy: HttpConnectProxy, password: str = PROXY_PASSWORD) -> str:
+    return f"http://{PROXY_USER}:{quote(password, safe='')}@127.0.0.1:{proxy.port}"
 
 
 def conditions(result: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -184,7 +203,11 @@ CASES: list[tuple[str, Setup, str, str]] = [
     ),
     (
         "no-starttls",
-        _smtp_server(lambda p: FakeExchange(p.idp, offer_starttls=False)),
+        # A downgrade: no STARTTLS, but AUTH XOAUTH2 offered in plaintext (what a STARTTLS-stripping
+        # man in the middle shows). test_no_starttls_sends_no_auth proves nothing was sent.
+        _smtp_server(
+            lambda p: _granted(FakeExchange(p.idp, offer_starttls=False, allow_plaintext_auth=True))
+        ),
         "StartTLSNotOffered",
         "SmtpAuthenticated",
     ),
@@ -345,3 +368,125 @@ def test_check_uses_https_proxy_from_the_environment(
         code, result = run_check(peers, capsys, caplog, peers.manifests())
         assert code == 0, result["message"]
         assert len(proxy.targets) == before
+
+
+def test_no_starttls_sends_no_auth(
+    peers: Peers, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The security property of StartTLSNotOffered: the token never crosses the wire in plaintext.
+
+    The server offers AUTH XOAUTH2 without TLS and would accept the token (the mailbox is granted):
+    only the client's refusal keeps the token off the wire, and the server must have seen no AUTH.
+    """
+    with _granted(FakeExchange(peers.idp, offer_starttls=False, allow_plaintext_auth=True)) as server:
+        code, result = run_check(
+            peers, capsys, caplog, peers.manifests(peers.spec(**{"smtp.port": server.port}))
+        )
+        assert server.connections == 1  # it was the server we talked to
+        assert server.auth_attempts == []
+    assert code == 1
+    assert result["reason"] == "StartTLSNotOffered"
+    assert "never authenticates in plaintext" in result["message"]
+
+
+def test_check_through_an_authenticating_proxy(
+    peers: Peers, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both tunnels (token endpoint and SMTP) send Proxy-Authorization; the credentials stay secret."""
+    with _authenticating_proxy() as proxy:
+        spec = peers.spec(**{"proxy.url": _with_credentials(proxy)})
+        code, result = run_check(peers, capsys, caplog, peers.manifests(spec))
+        assert code == 0, result["message"]
+        assert proxy.targets == [f"127.0.0.1:{peers.idp.port}", f"127.0.0.1:{peers.smtp.port}"]
+        assert proxy.authorizations == [f"Basic {PROXY_BASIC}"] * 2
+        assert proxy.tunnels == 2
+    assert peers.smtp.auth_attempts[-1].tls is True
+
+
+def test_check_through_a_proxy_that_sends_the_greeting_with_its_reply(
+    peers: Peers, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SMTP greeting in the same segment as the proxy's 200 is not lost (python-socks alone loses it)."""
+    with _authenticating_proxy(coalesce=True) as proxy:
+        spec = peers.spec(**{"proxy.url": _with_credentials(proxy), "smtp.connectionTimeoutSeconds": 5})
+        code, result = run_check(peers, capsys, caplog, peers.manifests(spec))
+        assert code == 0, result["message"]
+        assert proxy.tunnels == 2
+
+
+def test_check_wrong_proxy_password_for_the_token_request(
+    peers: Peers, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with _authenticating_proxy() as proxy:
+        spec = peers.spec(**{"proxy.url": _with_credentials(proxy, password=PROXY_PASSWORD[::-1])})
+        code, result = run_check(peers, capsys, caplog, peers.manifests(spec))
+        port = proxy.port
+    assert code == 1
+    assert result["reason"] == "IdentityProviderUnreachable"
+    assert f"The proxy 127.0.0.1:{port} did not connect us" in result["message"]
+    assert "407" in result["message"]
+    assert PROXY_PASSWORD[::-1] not in json.dumps(result)
+    assert PROXY_USER not in json.dumps(result)
+
+
+def test_check_wrong_proxy_password_for_smtp(
+    peers: Peers,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The token endpoint reached directly (NO_PROXY), the SMTP server through the proxy: a 407 there."""
+    with _authenticating_proxy() as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", _with_credentials(proxy, password=PROXY_PASSWORD[::-1]))
+        monkeypatch.delenv("https_proxy", raising=False)
+        monkeypatch.setenv("NO_PROXY", "localhost")
+        monkeypatch.delenv("no_proxy", raising=False)
+        authority = peers.idp.authority_host.replace("127.0.0.1", "localhost")
+        spec = peers.spec(**{"identity.authorityHost": authority})
+        code, result = run_check(peers, capsys, caplog, peers.manifests(spec))
+        assert proxy.targets == [f"127.0.0.1:{peers.smtp.port}"]
+        assert proxy.authorizations[0] is not None  # credentials were sent, just the wrong ones
+        port = proxy.port
+    assert code == 1
+    assert result["reason"] == "SmtpConnectionRefused", result["message"]
+    assert conditions(result)["TokenAcquired"][0] == "True"
+    assert f"The proxy 127.0.0.1:{port} refused the tunnel" in result["message"]
+    assert "407" in result["message"]
+    assert "check the user and password" in result["message"]
+    assert PROXY_PASSWORD[::-1] not in json.dumps(result)
+    assert PROXY_USER not in json.dumps(result)
+
+
+def test_check_https_proxy_url_is_invalid_spec(
+    peers: Peers, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """TLS to the proxy is not supported; it used to be a plaintext CONNECT on port 80 for SMTP."""
+    with _authenticating_proxy() as proxy:
+        url = _with_credentials(proxy).replace("http://", "https://")
+        code, result = run_check(peers, capsys, caplog, peers.manifests(peers.spec(**{"proxy.url": url})))
+        assert proxy.connections == 0
+    assert code == 1
+    assert result["reason"] == "InvalidSpec"
+    assert "spec.proxy.url" in result["message"]
+    assert "use http://host:port" in result["message"]
+
+
+def test_check_https_proxy_from_the_environment_is_invalid_spec(
+    peers: Peers,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with _authenticating_proxy() as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", _with_credentials(proxy).replace("http://", "https://"))
+        monkeypatch.delenv("https_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        code, result = run_check(peers, capsys, caplog, peers.manifests())
+        assert proxy.connections == 0
+        port = proxy.port
+    assert code == 1
+    assert result["reason"] == "InvalidSpec"
+    assert f"HTTPS_PROXY (https://127.0.0.1:{port})" in result["message"]
+    assert "proxy.httpsProxy" in result["message"]
+    assert peers.smtp.auth_attempts == []

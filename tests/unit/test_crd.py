@@ -372,7 +372,9 @@ REGEX_CASES: list[tuple[str, str, bool]] = [
     ("identity.authorityHost", "http://login.microsoftonline.com", False),
     ("identity.authorityHost", "https://", False),
     ("proxy.url", "http://proxy.corp:3128", True),
-    ("proxy.url", "https://proxy.corp:3128/", True),
+    ("proxy.url", "http://proxy.corp:3128/", True),
+    ("proxy.url", "http://user:p%40ss@proxy.corp:3128", True),
+    ("proxy.url", "https://proxy.corp:3128/", False),
     ("proxy.url", "socks5://proxy.corp:1080", False),
     ("proxy.url", "http://proxy.corp:3128/path", False),
     ("testMessage.to", "ops@contoso.com", True),
@@ -539,3 +541,11 @@ def test_audience_is_derived_per_cloud_and_documented() -> None:
 def test_secret_spec_references_secret_and_bundles() -> None:
     spec = with_value("identity.caBundle", {"configMapKeyRef": {"name": "trust", "key": "ca.pem"}})
     assert parse_spec(spec).referenced_objects() == {("Secret", "exo-app"), ("ConfigMap", "trust")}
+
+
+@pytest.mark.parametrize("name", ["valid-certificate.yaml", "valid-workload-identity.yaml"])
+def test_credential_samples_parse(name: str) -> None:
+    (config,) = [d for d in _manifests(name) if d["kind"] == KIND]
+    spec = parse_spec(config["spec"])
+    assert spec.credential_kind in {"ClientCertificate", "WorkloadIdentity"}
+    assert parse_spec(apply_defaults(config["spec"], SPEC_SCHEMA)) == spec

@@ -33,6 +33,11 @@ class InputError(Exception):
     """The manifests cannot be used (exit code 2)."""
 
 
+# A manifest set is a few objects; anything larger is a mistake (a wrong file, /dev/zero) that would
+# otherwise be read whole into memory before YAML could complain.
+MAX_INPUT_BYTES = 4 * 1024 * 1024
+
+
 class ManifestSource:
     """Secrets and ConfigMaps read from manifest files, keyed by (kind, namespace, name)."""
 
@@ -92,25 +97,98 @@ def _decode(obj: Mapping[str, Any], key: tuple[str, str, str]) -> dict[str, str]
     return data
 
 
+def _read(path: str) -> str:
+    """The text of one file (``-``: standard input), at most MAX_INPUT_BYTES of UTF-8."""
+    try:
+        if path == "-":
+            stream = getattr(sys.stdin, "buffer", None)
+            raw = stream.read(MAX_INPUT_BYTES + 1) if stream is not None else sys.stdin.read().encode()
+        else:
+            with open(path, "rb") as fh:
+                raw = fh.read(MAX_INPUT_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"{path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_INPUT_BYTES:
+        raise InputError(f"{path}: larger than {MAX_INPUT_BYTES // 2**20} MiB; is it really a manifest?")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+
+
+def _string_map(value: Any, where: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise InputError(f"{where} must map strings to strings")
+
+
+def _validate(obj: Mapping[str, Any], where: str) -> None:
+    """What the API server would have refused before the operator saw the object."""
+    kind = obj.get("kind")
+    if not isinstance(kind, str) or not kind:
+        raise InputError(f"{where}: a document has no kind; is it a Kubernetes object?")
+    meta = obj.get("metadata")
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, Mapping):
+        raise InputError(f"{where}: {kind}: metadata must be an object")
+    name = meta.get("name")
+    if kind in {KIND, "Secret", "ConfigMap"} and (not isinstance(name, str) or not name):
+        raise InputError(f"{where}: {kind}: metadata.name must be a non-empty string")
+    what = f"{where}: {kind} {name}"
+    namespace = meta.get("namespace")
+    if namespace is not None and (not isinstance(namespace, str) or not namespace):
+        raise InputError(f"{what}: metadata.namespace must be a non-empty string")
+    generation = meta.get("generation")
+    if generation is not None and (
+        isinstance(generation, bool) or not isinstance(generation, int) or generation < 0
+    ):
+        raise InputError(f"{what}: metadata.generation must be a non-negative integer")
+    _string_map(meta.get("annotations"), f"{what}: metadata.annotations")
+    _string_map(meta.get("labels"), f"{what}: metadata.labels")
+    if kind == "Secret":
+        _string_map(obj.get("data"), f"{what}: data")
+        _string_map(obj.get("stringData"), f"{what}: stringData")
+    elif kind == "ConfigMap":
+        _string_map(obj.get("data"), f"{what}: data")
+
+
 def load(paths: Sequence[str]) -> list[Mapping[str, Any]]:
+    """Every object in the files; InputError (exit 2) for anything kubectl apply would refuse."""
+    if list(paths).count("-") > 1:
+        raise InputError("standard input (-f -) can be read only once")
     docs: list[Mapping[str, Any]] = []
     for path in paths:
+        text = _read(path)
         try:
-            with open(path, encoding="utf-8") if path != "-" else sys.stdin as fh:
-                for doc in yaml.safe_load_all(fh):
-                    if doc is None:
-                        continue
-                    if not isinstance(doc, Mapping):
-                        raise InputError(f"{path}: a document is not a Kubernetes object")
-                    if doc.get("kind") == "List":
-                        docs.extend(item for item in doc.get("items") or [] if isinstance(item, Mapping))
-                    else:
-                        docs.append(doc)
-        except OSError as exc:
-            raise InputError(f"{path}: {exc.strerror or exc}") from None
+            loaded = list(yaml.safe_load_all(text))
         except yaml.YAMLError as exc:
-            raise InputError(f"{path}: not valid YAML ({exc})") from None
+            raise InputError(f"{path}: not valid YAML ({_one_line(str(exc))})") from None
+        except RecursionError:
+            raise InputError(f"{path}: nested too deeply to be a manifest") from None
+        for doc in loaded:
+            if doc is None:
+                continue
+            if not isinstance(doc, Mapping):
+                raise InputError(f"{path}: a document is not a Kubernetes object")
+            if doc.get("kind") == "List":
+                items = doc.get("items") or []
+                if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
+                    raise InputError(f"{path}: List: items must be a list of objects")
+                objects = list(items)
+            else:
+                objects = [doc]
+            for obj in objects:
+                _validate(obj, path)
+                docs.append(obj)
     return docs
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 async def check(docs: Sequence[Mapping[str, Any]], token_file: str | None = None) -> list[dict[str, Any]]:
@@ -143,6 +221,7 @@ async def check(docs: Sequence[Mapping[str, Any]], token_file: str | None = None
                 "tokenEndpoint": result.decision.status.get("tokenEndpoint"),
                 "smtpEndpoint": result.decision.status.get("smtpEndpoint"),
                 "durationSeconds": result.decision.status.get("lastTestDurationSeconds"),
+                "clientCertificate": result.decision.status.get("clientCertificate"),
                 **(
                     {"appCredentials": result.decision.status["appCredentials"]}
                     if "appCredentials" in result.decision.status
@@ -169,6 +248,9 @@ def _print_text(results: Sequence[Mapping[str, Any]]) -> None:
             print(f"  token endpoint: {r['tokenEndpoint']}")
         if r.get("smtpEndpoint"):
             print(f"  SMTP endpoint:  {r['smtpEndpoint']}")
+        if r.get("clientCertificate"):
+            cert = r["clientCertificate"]
+            print(f"  certificate:    SHA-256 {cert['thumbprintSHA256']}, expires {cert['notAfter']}")
         if r.get("appCredentials"):
             print("  app credentials in Microsoft Graph (* in use):")
             for line in describe(r["appCredentials"]).splitlines():
@@ -209,7 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             results = asyncio.run(check(load(args.filename), args.token_file))
         except InputError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            if args.output == "json":
+                print(json.dumps({"error": str(exc)}))
+            else:
+                print(f"error: {exc}", file=sys.stderr)
             return 2
         if args.output == "json":
             print(json.dumps(results, indent=2))

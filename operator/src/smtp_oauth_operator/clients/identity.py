@@ -40,7 +40,7 @@ import requests
 
 from smtp_oauth_operator.domain.credentials import CertificateCredential
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
-from smtp_oauth_operator.domain.redact import quote_reply
+from smtp_oauth_operator.domain.redact import proxy_address, proxy_secrets, quote_reply
 
 __all__ = ["AccessToken", "FederatedAssertion", "TokenProvider", "TokenRequest"]
 
@@ -105,7 +105,7 @@ class TokenRequest:
     scope: str
     client_secret: str = field(repr=False)
     ca_pem: str | None = None
-    proxy_url: str | None = None
+    proxy_url: str | None = field(default=None, repr=False)  # may carry credentials
     timeout: float = 30.0
     certificate: CertificateCredential | None = None
     send_certificate_chain: bool = False
@@ -142,15 +142,19 @@ class TokenRequest:
         return self.client_secret
 
     def secrets(self) -> tuple[str, ...]:
-        """Values that must never be quoted back (the key, the secret)."""
+        """Values that must never be quoted back (the key, the secret, a proxy's credentials)."""
+        proxy = proxy_secrets(self.proxy_url)
         if self.certificate is not None:
-            return (self.certificate.private_key_pem,)
-        return (self.client_secret,) if self.client_secret else ()
+            return (self.certificate.private_key_pem, *proxy)
+        return (self.client_secret, *proxy) if self.client_secret else proxy
 
     def cache_key(self) -> tuple[str, ...]:
+        # The credential (and a proxy URL's credentials) enter the key only as digests or names, so a
+        # rotated credential gets a fresh application while the key itself is harmless to hold.
         digest = self.credential_id()
         ca = hashlib.sha256(self.ca_pem.encode()).hexdigest() if self.ca_pem else ""
-        return (self.authority, self.client_id, digest, ca, self.proxy_url or "", str(self.timeout))
+        proxy = hashlib.sha256(self.proxy_url.encode()).hexdigest() if self.proxy_url else ""
+        return (self.authority, self.client_id, digest, ca, proxy, str(self.timeout))
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +338,7 @@ class TokenProvider:
         http.status = http.retry_after = http.url = None
         secrets = request.secrets()
         host = urlsplit(request.authority_host).netloc
+        proxy = proxy_address(request.proxy_url)
         try:
             if app.msal is None:
                 app.msal = msal.ConfidentialClientApplication(
@@ -357,12 +362,11 @@ class TokenProvider:
             self._on_request(Reason.IDENTITY_PROVIDER_UNREACHABLE)
             raise CheckFailed(
                 Reason.IDENTITY_PROVIDER_UNREACHABLE,
-                f"the proxy {urlsplit(request.proxy_url or '').netloc} did not connect us to {host} "
-                f"({_short(exc, secrets)})",
+                f"the proxy {proxy} did not connect us to {host} ({_short(exc, secrets)})",
             ) from None
         except requests.exceptions.Timeout:
             self._on_request(Reason.IDENTITY_PROVIDER_UNREACHABLE)
-            via = f" through the proxy {urlsplit(request.proxy_url).netloc}" if request.proxy_url else ""
+            via = f" through the proxy {proxy}" if proxy else ""
             raise CheckFailed(
                 Reason.IDENTITY_PROVIDER_UNREACHABLE,
                 f"no answer from the identity provider {host}{via} within {request.timeout:g} s",

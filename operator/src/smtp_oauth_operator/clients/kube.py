@@ -36,10 +36,23 @@ logger = logging.getLogger(__name__)
 COMPONENT = "smtp-oauth-operator"
 MAX_EVENT_MESSAGE = 1024
 API_THREADS = 8  # concurrent API calls; each holds one thread and one pooled connection
+MAX_NAME = 253  # a DNS subdomain, what metadata.name of an Event (and of our resource) may be
 
 
 class KubeUnavailable(ConnectionError):
     """The API server failed or could not be reached; retry later."""
+
+
+def event_name(resource_name: str) -> str:
+    """``<resource>.<16 hex>`` as client-go names Events, within the 253 characters a name may have.
+
+    A resource name may itself have 253 characters; the API server refuses a longer Event name (422)
+    and the Event would be lost. The random suffix keeps names unique, so the resource part is cut,
+    without the dot or dash a cut may leave at its end (a name must end alphanumeric).
+    """
+    suffix = uuid.uuid4().hex[:16]
+    prefix = resource_name[: MAX_NAME - len(suffix) - 1].rstrip(".-")
+    return f"{prefix}.{suffix}" if prefix else suffix
 
 
 def _timestamp(moment: datetime | None = None) -> str:
@@ -191,7 +204,7 @@ class Kube:
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {
-                "name": f"{meta.get('name')}.{uuid.uuid4().hex[:16]}",
+                "name": event_name(str(meta.get("name") or "")),
                 "namespace": meta.get("namespace"),
             },
             "involvedObject": {

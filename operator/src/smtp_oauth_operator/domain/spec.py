@@ -10,15 +10,18 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 __all__ = [
     "CLOUDS",
     "DEFAULT_WARN_BEFORE_DAYS",
+    "EARLIEST",
     "GROUP",
     "KIND",
+    "LATEST",
     "PLURAL",
     "RECHECK_ANNOTATION",
     "VERSION",
@@ -32,7 +35,9 @@ __all__ = [
     "parse_duration",
     "parse_spec",
     "parse_time",
+    "proxy_url_problem",
     "recheck_token",
+    "utc_time",
 ]
 
 GROUP = "smtpoauth.dev"
@@ -86,7 +91,7 @@ class SpecError(ValueError):
     """The spec cannot be used; ``field`` is the JSON path of the offending field."""
 
     def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"spec.{field}: {problem}")
+        super().__init__(f"spec.{field}: {problem}" if field else f"spec: {problem}")
         self.field = field
         self.problem = problem
 
@@ -148,7 +153,7 @@ class SmtpOAuthSpec:
     secret_ref: KeyRef | None
     expires_at: datetime | None
     expires_at_key: str | None
-    proxy_url: str | None
+    proxy_url: str | None = field(repr=False)  # may carry credentials (user:password@)
     test_message_to: str | None
     test_message_from: str | None
     recheck_interval: timedelta
@@ -211,7 +216,9 @@ _DNS1123 = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([
 
 def recheck_token(annotations: Mapping[str, Any] | None) -> str | None:
     """The ``smtpoauth.dev/recheck`` annotation as stored in status.handledRecheck (≤ 1024 chars)."""
-    value = (annotations or {}).get(RECHECK_ANNOTATION)
+    if not isinstance(annotations, Mapping):
+        return None
+    value = annotations.get(RECHECK_ANNOTATION)
     if value is None:
         return None
     value = str(value)
@@ -229,18 +236,44 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(hours=hours, minutes=minutes, seconds=seconds)
 
 
+# Times are kept in UTC and written back as RFC 3339 with a four-digit year (status, Events, metrics):
+# 9999-12-31T23:59:59-05:00 is valid RFC 3339, but lies in the year 10000 once in UTC.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime.max.replace(tzinfo=UTC)
+
+
+def utc_time(moment: datetime, what: str) -> datetime:
+    """``moment`` in UTC (naive means UTC), or ValueError when it is outside 1970..9999 in UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    problem = f"{what} is outside 1970-01-01 to 9999-12-31T23:59:59Z"
+    try:
+        moment = moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(problem) from None
+    if not EARLIEST <= moment <= LATEST:
+        raise ValueError(problem)
+    return moment
+
+
 def parse_time(text: str) -> datetime:
-    """Parse an RFC 3339 timestamp (``2027-05-31T00:00:00Z``) or a bare date into an aware UTC time."""
+    """Parse an RFC 3339 timestamp (``2027-05-31T00:00:00Z``) or a bare date into an aware UTC time.
+
+    Raises ValueError (never OverflowError) for anything that is not a time between 1970 and 9999 UTC.
+    """
     value = text.strip()
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
         value += "T00:00:00+00:00"
     value = value.replace("z", "Z")
     if value.endswith("Z"):
         value = value[:-1] + "+00:00"
-    parsed = datetime.fromisoformat(value)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{text[:64]!r} is not an RFC 3339 time like 2027-05-31T00:00:00Z") from None
     if parsed.tzinfo is None:
-        raise ValueError(f"{text!r} has no time zone (use Z for UTC)")
-    return parsed.astimezone(UTC)
+        raise ValueError(f"{text[:64]!r} has no time zone (use Z for UTC)")
+    return utc_time(parsed, repr(text[:64]))
 
 
 class _Reader:
@@ -306,6 +339,36 @@ def _https_url(value: str, path: str) -> str:
     return value.rstrip("/")
 
 
+def proxy_url_problem(value: str) -> str | None:
+    """What is wrong with a proxy URL (spec.proxy.url or the operator's HTTPS_PROXY), if anything.
+
+    Only plain ``http://`` proxies: the CONNECT tunnel carries TLS end to end to Entra ID and Exchange
+    either way, and an ``https://`` URL (TLS to the proxy itself) used to get a plaintext CONNECT on
+    port 80 for SMTP. It is refused with the fix rather than guessed at.
+    """
+    if value.lower().startswith("https://"):
+        return (
+            "https:// (TLS to the proxy) is not supported: use http://host:port; the tunnel through the "
+            "proxy is TLS to Entra ID and Exchange anyway"
+        )
+    if not re.fullmatch(r"http://[^\s/]+/?", value):
+        return "must be http://host:port"
+    try:
+        port = urlsplit(value).port
+    except ValueError:
+        return "has an invalid port"
+    if port == 0:
+        return "has an invalid port"
+    return None
+
+
+def _proxy_url(value: str, path: str) -> str:
+    problem = proxy_url_problem(value)
+    if problem is not None:
+        raise SpecError(path, problem)
+    return value.rstrip("/")
+
+
 def parse_spec(spec: Any) -> SmtpOAuthSpec:
     """Turn ``body['spec']`` into an :class:`SmtpOAuthSpec`, applying the CRD's defaults."""
     r = _Reader(spec, "")
@@ -341,8 +404,8 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
     graph_host = _https_url(discovery.text("graphHost", cloud.graph_host), "identity.discovery.graphHost")
 
     proxy_url = r.sub("proxy").opt_text("url")
-    if proxy_url is not None and not re.fullmatch(r"https?://[^\s/]+/?", proxy_url):
-        raise SpecError("proxy.url", "must be http://host:port or https://host:port")
+    if proxy_url is not None:
+        proxy_url = _proxy_url(proxy_url, "proxy.url")
 
     test_to = r.sub("testMessage").opt_text("to")
     if test_to is not None and not _EMAIL.match(test_to):
@@ -393,7 +456,7 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
         secret_ref=secret_ref,
         expires_at=expires_at,
         expires_at_key=expires_at_key,
-        proxy_url=proxy_url.rstrip("/") if proxy_url else None,
+        proxy_url=proxy_url,
         test_message_to=test_to,
         test_message_from=test_from,
         recheck_interval=recheck,
@@ -455,11 +518,10 @@ def _parse_credential(ident: _Reader, cloud: Cloud) -> _CredentialParts:
     if secret.has("expiresAt"):
         raw = secret.data["expiresAt"]
         try:
-            expires_at = raw if isinstance(raw, datetime) else parse_time(str(raw))
+            # YAML (the check CLI) turns an unquoted timestamp into a datetime; JSON never does.
+            expires_at = utc_time(raw, repr(str(raw))) if isinstance(raw, datetime) else parse_time(str(raw))
         except ValueError as exc:
             raise SpecError("identity.clientSecret.expiresAt", str(exc)) from None
-        if expires_at.tzinfo is None:
-            expires_at = expires_at.replace(tzinfo=UTC)
     expires_at_key = secret.opt_text("expiresAtKey")
     if expires_at is not None and expires_at_key is not None:
         raise SpecError("identity.clientSecret", "set expiresAt or expiresAtKey, not both")

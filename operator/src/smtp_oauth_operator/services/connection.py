@@ -28,7 +28,8 @@ from smtp_oauth_operator.clients.smtp import Message, SmtpResult, SmtpTarget, au
 from smtp_oauth_operator.domain.credentials import CertificateCredential, CertificateError, parse_certificate
 from smtp_oauth_operator.domain.objects import ObjectSource, SourceObject
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
-from smtp_oauth_operator.domain.spec import KeyRef, SmtpOAuthSpec, parse_time
+from smtp_oauth_operator.domain.redact import strip_userinfo
+from smtp_oauth_operator.domain.spec import KeyRef, SmtpOAuthSpec, parse_time, proxy_url_problem
 from smtp_oauth_operator.domain.status import ConnectionTestResult
 
 __all__ = [
@@ -331,7 +332,16 @@ def proxy_for(spec: SmtpOAuthSpec, url_host: str) -> str | None:
     proxy = env.get("https")
     if not proxy or urllib.request.proxy_bypass_environment(url_host, env):  # type: ignore[attr-defined]  # stdlib, untyped
         return None
-    return proxy if "://" in proxy else f"http://{proxy}"
+    proxy = proxy if "://" in proxy else f"http://{proxy}"
+    problem = proxy_url_problem(proxy)
+    if problem is not None:
+        raise CheckFailed(
+            Reason.INVALID_SPEC,
+            f"the operator's HTTPS_PROXY ({strip_userinfo(proxy)}) {problem}; fix the chart's "
+            "proxy.httpsProxy, or set spec.proxy.url",
+            condition=ConditionType.SECRET_RESOLVED,
+        )
+    return proxy
 
 
 def token_request(spec: SmtpOAuthSpec, inputs: Inputs) -> TokenRequest:
@@ -411,8 +421,13 @@ async def run(
     ``deadline`` bounds each step (default: twice its timeout)."""
     started = now or datetime.now(UTC)
     clock = time.monotonic()
-    request = token_request(spec, inputs)
-    target = smtp_target(spec, inputs)
+    try:
+        request = token_request(spec, inputs)
+        target = smtp_target(spec, inputs)
+    except CheckFailed as exc:  # an unusable HTTPS_PROXY
+        return ConnectionTestResult(
+            failure=exc, tested_at=started, duration=0.0, fingerprint=inputs.fingerprint, scope=spec.scope
+        )
     message = None
     if spec.test_message_to:
         message = Message(

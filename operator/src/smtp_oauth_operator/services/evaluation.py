@@ -58,12 +58,31 @@ def backoff(failures: int, interval: timedelta, retry_after: float | None) -> ti
     return jittered
 
 
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _generation(raw: Any) -> tuple[int, str | None]:
+    """metadata.generation, and what is wrong with the metadata (check reads unvalidated manifests)."""
+    if raw is not None and not isinstance(raw, Mapping):
+        return 0, "invalid metadata: must be an object"
+    value = (raw or {}).get("generation")
+    if value is None:
+        return 0, None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return 0, "invalid metadata: generation must be a non-negative integer"
+    return value, None
+
+
 def _due(
-    body: Mapping[str, Any], status: Mapping[str, Any], inputs: Inputs, spec: SmtpOAuthSpec, now: datetime
+    generation: int,
+    recheck: str | None,
+    status: Mapping[str, Any],
+    inputs: Inputs,
+    spec: SmtpOAuthSpec,
+    now: datetime,
 ) -> tuple[bool, datetime | None]:
     """Whether a connection test is due now, and otherwise when it will be."""
-    generation = int(body.get("metadata", {}).get("generation") or 0)
-    recheck = recheck_token(body.get("metadata", {}).get("annotations"))
     last = status.get("lastTestTime")
     if (
         not last
@@ -114,20 +133,29 @@ async def evaluate(
     discovery: GraphDiscovery | None = None,
 ) -> Pass:
     """Run one pass; ``force`` tests even when the last test is fresh (the CLI). ``discovery`` holds the
-    process's Graph reads (a fresh one, reading at once, when not given)."""
-    metadata = body.get("metadata") or {}
+    process's Graph reads (a fresh one, reading at once, when not given).
+
+    Whatever the body holds, the answer is a decision (InvalidSpec for what cannot be used), never an
+    exception: a resource the API server accepted must get a status.
+    """
+    metadata = _mapping(body.get("metadata"))
     namespace = str(metadata.get("namespace") or "default")
     name = str(metadata.get("name") or "?")
-    generation = int(metadata.get("generation") or 0)
-    status: Mapping[str, Any] = body.get("status") or {}
+    generation, invalid = _generation(body.get("metadata"))
+    status = _mapping(body.get("status"))
     recheck = recheck_token(metadata.get("annotations"))
-    failures = int(status.get("consecutiveFailures") or 0)
+    failures = status.get("consecutiveFailures")
+    failures = failures if isinstance(failures, int) and not isinstance(failures, bool) else 0
 
-    try:
-        spec = parse_spec(body.get("spec"))
-    except SpecError as exc:
+    spec: SmtpOAuthSpec | None = None
+    if invalid is None:
+        try:
+            spec = parse_spec(body.get("spec"))
+        except SpecError as exc:
+            invalid = f"invalid spec: {exc}"
+    if spec is None:
         failure = CheckFailed(
-            Reason.INVALID_SPEC, f"invalid spec: {exc}", condition=ConditionType.SECRET_RESOLVED
+            Reason.INVALID_SPEC, invalid or "invalid spec", condition=ConditionType.SECRET_RESOLVED
         )
         fingerprint = f"invalid:{generation}"
         record = None
@@ -170,7 +198,7 @@ async def evaluate(
 
     due_at: datetime | None = None
     if inputs is not None:
-        due, due_at = _due(body, status, inputs, spec, now)
+        due, due_at = _due(generation, recheck, status, inputs, spec, now)
         if due or force:
             expired = _certificate_expired(inputs, namespace, spec, now)
             if expired is not None:

@@ -291,7 +291,10 @@ class HttpConnectProxy(_TcpServer):
     (``host:port``) in :attr:`targets`. Options: ``credentials=(user, password)`` demands
     ``Proxy-Authorization: Basic`` (407 otherwise); ``reject_status=403`` (or 502, …) refuses
     every CONNECT; targets outside ``allowed_hosts`` (loopback by default) get 403; an upstream
-    that refuses the connection gets 502. Anything but CONNECT gets 405.
+    that refuses the connection gets 502. Anything but CONNECT gets 405. ``coalesce=True`` waits for
+    the upstream's first bytes (an SMTP greeting) and sends them in the same segment as the ``200``,
+    as a busy proxy may: a client that reads past the reply loses them. :attr:`authorizations`
+    records every ``Proxy-Authorization`` value received (None when absent).
     """
 
     name = "connect-proxy"
@@ -306,9 +309,12 @@ class HttpConnectProxy(_TcpServer):
         hold: float = 300.0,
         lifetime: float | None = 900.0,
         connect_timeout: float = 10.0,
+        coalesce: bool = False,
     ) -> None:
         super().__init__(port=port, hold=hold, lifetime=lifetime)
         self.credentials = credentials
+        self.coalesce = coalesce
+        self._authorizations: list[str | None] = []
         self.reject_status = reject_status
         self.allowed_hosts = {h.lower() for h in allowed_hosts}
         self.connect_timeout = connect_timeout
@@ -334,18 +340,26 @@ class HttpConnectProxy(_TcpServer):
             return list(self._targets)
 
     @property
+    def authorizations(self) -> list[str | None]:
+        """The Proxy-Authorization header of every CONNECT, in order (None when absent)."""
+        with self._lock:
+            return list(self._authorizations)
+
+    @property
     def tunnels(self) -> int:
         """Tunnels established (CONNECT answered 200 and upstream connected)."""
         with self._lock:
             return self._tunnels
 
-    def _reply(self, conn: socket.socket, status: int, headers: dict[str, str] | None = None) -> None:
+    def _reply(
+        self, conn: socket.socket, status: int, headers: dict[str, str] | None = None, tail: bytes = b""
+    ) -> None:
         reason = "Connection established" if status == 200 else HTTPStatus(status).phrase
         lines = [f"HTTP/1.1 {status} {reason}"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         if status != 200:
             lines += ["Content-Length: 0", "Connection: close"]
-        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + tail)
 
     def serve(self, conn: socket.socket) -> None:
         deadline = time.monotonic() + self.connect_timeout
@@ -373,6 +387,8 @@ class HttpConnectProxy(_TcpServer):
         for line in header_lines:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
+        with self._lock:
+            self._authorizations.append(headers.get("proxy-authorization"))
         if self.credentials is not None:
             expected = "Basic " + base64.b64encode(":".join(self.credentials).encode()).decode()
             if headers.get("proxy-authorization") != expected:
@@ -398,7 +414,11 @@ class HttpConnectProxy(_TcpServer):
         try:
             upstream.settimeout(None)
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._reply(conn, 200)
+            first = b""
+            # A server that speaks first (SMTP) does so at once; a TLS server waits for the client.
+            if self.coalesce and self._wait_readable(upstream, time.monotonic() + 0.5):
+                first = upstream.recv(65536)
+            self._reply(conn, 200, tail=first)
             with self._lock:
                 self._tunnels += 1
             if early:
