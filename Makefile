@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine (see README.md):
 #   make demo   - the operator's main job on an embedded default, then tear down
 #   make test   - lint, types, unit + integration tests, then the e2e suite on a real control plane
+#   make image  - the container image as an OCI archive (build/), with its SBOM
 # Everything they need is installed by `make bootstrap` (a venv in .venv, the Kubernetes tools built
 # from Go modules into ~/.cache/smtp-oauth-operator, reused when present).
 
@@ -9,7 +10,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: bootstrap tools lint unit e2e test demo bench clean
+.PHONY: bootstrap tools lint unit e2e test demo bench clean image
 
 bootstrap: $(STAMP) tools
 
@@ -23,6 +24,7 @@ $(STAMP): pyproject.toml
 tools:
 	bash hack/k8s-tools.sh >/dev/null
 	bash hack/sealed-secrets.sh >/dev/null
+	bash hack/image-debs.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -31,6 +33,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 	bash hack/lint-dockerfile.sh
 	bash hack/sync-chart-crds.sh --check
+	bash hack/lint-workflows.sh
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests --cov --cov-branch --cov-report=term --cov-fail-under=75
@@ -45,6 +48,11 @@ demo: bootstrap
 
 bench: bootstrap
 	$(BIN)/python -m e2e.bench
+
+# The container image as an OCI archive and its SBOM in build/ (no daemon, no registry; see docs/install.md).
+image:
+	bash hack/image-debs.sh
+	bash hack/image.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -276,7 +276,8 @@ def test_check_reports_reason(
     finally:
         for server in peers.servers:
             server.stop()
-    assert code == 1
+    # An unusable spec is bad input (exit 2), every other failure a result (exit 1).
+    assert code == (2 if reason == "InvalidSpec" else 1)
     assert result["ready"] is False
     assert result["reason"] == reason, result["message"]
     assert conditions(result)["Ready"] == ("False", reason)
@@ -465,7 +466,7 @@ def test_check_https_proxy_url_is_invalid_spec(
         url = _with_credentials(proxy).replace("http://", "https://")
         code, result = run_check(peers, capsys, caplog, peers.manifests(peers.spec(**{"proxy.url": url})))
         assert proxy.connections == 0
-    assert code == 1
+    assert code == 2
     assert result["reason"] == "InvalidSpec"
     assert "spec.proxy.url" in result["message"]
     assert "use http://host:port" in result["message"]
@@ -485,7 +486,7 @@ def test_check_https_proxy_from_the_environment_is_invalid_spec(
         code, result = run_check(peers, capsys, caplog, peers.manifests())
         assert proxy.connections == 0
         port = proxy.port
-    assert code == 1
+    assert code == 2
     assert result["reason"] == "InvalidSpec"
     assert f"HTTPS_PROXY (https://127.0.0.1:{port})" in result["message"]
     assert "proxy.httpsProxy" in result["message"]

@@ -132,11 +132,11 @@ def test_unusable_input_exits_2_with_one_line(
 def test_stdin_is_read_once(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One ``-f -`` works (an invalid spec: exit 1 with InvalidSpec, nothing contacted)."""
+    """One ``-f -`` works (an invalid spec: exit 2 with InvalidSpec, nothing contacted)."""
     doc = json.loads(json.dumps(CONFIG))
     doc["spec"]["identity"]["clientSecret"]["expiresAt"] = "9999-12-31T23:59:59-05:00"
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(yaml.safe_dump(doc).encode())))
-    assert cli.main(["check", "-f", "-", "-o", "json"]) == 1
+    assert cli.main(["check", "-f", "-", "-o", "json"]) == 2
     result = json.loads(capsys.readouterr().out)[0]
     assert result["reason"] == "InvalidSpec"
     assert "expiresAt" in result["message"]
@@ -159,7 +159,7 @@ def test_out_of_range_expiry_is_invalid_spec(
     doc["spec"]["identity"]["clientSecret"]["expiresAt"] = expires_at
     path = tmp_path / "in.yaml"
     path.write_text(yaml.safe_dump(doc))
-    assert cli.main(["check", "-f", str(path)]) == 1
+    assert cli.main(["check", "-f", str(path)]) == 2
     out, err = capsys.readouterr()
     assert "InvalidSpec" in out
     assert "spec.identity.clientSecret.expiresAt" in out

@@ -300,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(results, indent=2))
         else:
             _print_text(results)
+        if any(r["reason"] == "InvalidSpec" for r in results):
+            return 2  # the spec itself is bad input; the result above names the field
         return 0 if all(r["ready"] for r in results) else 1
     if args.command == "run":
         return _run(args)
