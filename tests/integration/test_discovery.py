@@ -24,6 +24,8 @@ from smtp_oauth_operator.clients.identity import TokenProvider
 from smtp_oauth_operator.services.discovery import GraphDiscovery
 from smtp_oauth_operator.services.evaluation import evaluate
 from smtp_oauth_operator.testing.graph import GRAPH_RESOURCE, FakeGraph
+from smtp_oauth_operator.testing.peers import closed_port
+from smtp_oauth_operator.testing.pki import CertificateAuthority
 
 GRAPH_END = datetime(2031, 3, 4, 5, 6, 7, tzinfo=UTC)
 
@@ -200,3 +202,41 @@ def test_discovery_off_reads_nothing(peers: Peers, graph: FakeGraph, capsys, cap
     assert "ExpiryDiscovered" not in conditions(result)
     assert "appCredentials" not in result
     assert graph.requests["read"] == 0
+
+
+def test_a_secret_older_than_hints_is_not_listed(peers: Peers, graph: FakeGraph, capsys, caplog) -> None:  # type: ignore[no-untyped-def]
+    peers.idp.grant_api_roles(TENANT, CLIENT, GRAPH_RESOURCE, "Application.Read.All")
+    peers.idp.remove_secret(TENANT, CLIENT, CANARY)
+    peers.idp.add_secret(TENANT, CLIENT, CANARY, end=GRAPH_END, legacy=True)  # Graph lists "hint": null
+    code, result = check(
+        peers, graph, capsys, caplog, **{"identity.clientSecret.expiresAt": "2030-01-01T00:00:00Z"}
+    )
+    assert code == 0
+    assert conditions(result)["ExpiryDiscovered"] == ("False", "CredentialNotListed")
+    assert result["expiresAt"] == "2030-01-01T00:00:00Z"
+    (listed,) = result["appCredentials"]
+    assert listed["inUse"] is False
+    assert "hint" not in listed
+
+
+@pytest.mark.parametrize("where", ["closed", "untrusted"])
+def test_unreachable_or_untrusted_graph(  # type: ignore[no-untyped-def]
+    peers: Peers, graph: FakeGraph, capsys, caplog, where: str
+) -> None:
+    peers.idp.grant_api_roles(TENANT, CLIENT, GRAPH_RESOURCE, "Application.Read.All")
+    if where == "closed":
+        host = f"https://127.0.0.1:{closed_port()}"
+        with_host = {"identity.discovery": {"graph": True, "graphHost": host}}
+        code, result = run_check(
+            peers, capsys, caplog, peers.manifests(peers.spec(**with_host)), secrets=[CANARY]
+        )
+    else:
+        other = CertificateAuthority.create("not trusted").issue("127.0.0.1")
+        with FakeGraph(peers.idp, other) as untrusted:
+            code, result = check(peers, untrusted, capsys, caplog)
+    assert code == 0
+    assert result["ready"] is True
+    status, reason = conditions(result)["ExpiryDiscovered"]
+    assert (status, reason) == ("False", "GraphUnavailable")
+    message = next(c["message"] for c in result["conditions"] if c["type"] == "ExpiryDiscovered")
+    assert ("not trusted" in message) == (where == "untrusted")

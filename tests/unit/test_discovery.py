@@ -19,6 +19,7 @@ from smtp_oauth_operator.domain.discovery import (
 )
 from smtp_oauth_operator.domain.expiry import evaluate as expiry_state
 from smtp_oauth_operator.domain.reasons import CheckFailed, Reason
+from smtp_oauth_operator.domain.spec import SpecError, parse_spec
 from smtp_oauth_operator.domain.status import Observation, decide
 
 NOW = datetime(2027, 1, 10, 12, 0, tzinfo=UTC)
@@ -194,3 +195,41 @@ def test_discovery_off_leaves_no_trace() -> None:
     status = decide({"appCredentials": [], "expirySource": "Graph", "expiryMismatch": {}}, plain).status
     assert not {"appCredentials", "expirySource", "expiryMismatch"} & set(status)
     assert all(c["type"] != "ExpiryDiscovered" for c in status["conditions"])
+
+
+@pytest.mark.parametrize(
+    ("cloud", "host"),
+    [
+        ("AzurePublic", "https://graph.microsoft.com"),
+        ("AzureUSGovernment", "https://graph.microsoft.us"),
+        ("AzureChina", "https://microsoftgraph.chinacloudapi.cn"),
+    ],
+)
+def test_graph_host_and_scope_follow_the_cloud(cloud: str, host: str) -> None:
+    raw: dict[str, Any] = {
+        "username": "no-reply@contoso.com",
+        "identity": {
+            "tenantId": "contoso.onmicrosoft.com",
+            "clientId": CLIENT,
+            "cloud": cloud,
+            "clientSecret": {"secretKeyRef": {"name": "s", "key": "k"}},
+            "discovery": {"graph": True},
+        },
+    }
+    spec = parse_spec(raw)
+    assert spec.discover_graph is True
+    assert spec.graph_host == host
+    assert spec.graph_scope == f"{host}/.default"
+    # A test host overrides where Graph is reached, never the token's audience.
+    raw["identity"]["discovery"]["graphHost"] = "https://127.0.0.1:8443/"
+    spec = parse_spec(raw)
+    assert spec.graph_host == "https://127.0.0.1:8443"
+    assert spec.graph_scope == f"{host}/.default"
+    raw["identity"]["discovery"] = {"graph": "yes"}
+    with pytest.raises(SpecError, match=r"identity\.discovery\.graph"):
+        parse_spec(raw)
+    raw["identity"]["discovery"] = {"graph": True, "graphHost": "http://graph"}
+    with pytest.raises(SpecError, match="graphHost"):
+        parse_spec(raw)
+    raw["identity"].pop("discovery")
+    assert parse_spec(raw).discover_graph is False

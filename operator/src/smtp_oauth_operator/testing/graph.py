@@ -353,7 +353,11 @@ class FakeGraph:
 
     def _application(self, app: _App, select: str) -> dict[str, Any]:
         with self.idp.lock:
-            passwords = [self._password(app.password(v), v[:3]) for v in app.secrets]
+            passwords = [
+                self._password(meta, v[:3] if meta.has_hint else None)
+                for v in app.secrets
+                if (meta := app.password(v))
+            ]
             keys = [self._key(app, t) for t in app.certificates]
             full: dict[str, Any] = {
                 "id": app.object_id,
@@ -375,7 +379,7 @@ class FakeGraph:
         return {"@odata.context": context, **{f: full[f] for f in fields}}
 
     @staticmethod
-    def _password(meta: PasswordMeta, hint: str = "", secret_text: str | None = None) -> dict[str, Any]:
+    def _password(meta: PasswordMeta, hint: str | None, secret_text: str | None = None) -> dict[str, Any]:
         return {
             "customKeyIdentifier": None,
             "displayName": meta.display_name,

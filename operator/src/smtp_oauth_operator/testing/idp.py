@@ -168,6 +168,7 @@ class PasswordMeta:
     display_name: str | None
     start: dt.datetime
     end: dt.datetime
+    has_hint: bool = True  # secrets made before Graph kept hints list ``"hint": null``
 
     @classmethod
     def new(
@@ -516,14 +517,16 @@ class FakeEntraID:
         expired: bool = False,
         end: dt.datetime | None = None,
         display_name: str | None = None,
+        legacy: bool = False,
     ) -> str:
         """Add a second secret, as during an overlap rotation; both are accepted. ``end`` is the
-        ``endDateTime`` Graph lists (after it the token endpoint answers AADSTS7000222). Returns the
-        credential's keyId."""
+        ``endDateTime`` Graph lists (after it the token endpoint answers AADSTS7000222); ``legacy``
+        makes it an old secret that Graph lists without a hint. Returns the credential's keyId."""
         with self._lock:
             app = self._require_app(tenant, client_id)
             app.secrets[secret] = expired
             meta = app.password_meta[secret] = PasswordMeta.new(display_name, end)
+            meta.has_hint = not legacy
             return meta.key_id
 
     def set_secret_end(self, tenant: str, client_id: str, secret: str, end: dt.datetime) -> None:
