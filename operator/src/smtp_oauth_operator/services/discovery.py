@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
@@ -46,6 +47,15 @@ class _Entry:
     fresh_until: datetime
 
 
+def _credential_id(inputs: Inputs) -> str:
+    """Which credential (never the secret itself), as TokenRequest.credential_id names it."""
+    if inputs.certificate is not None:
+        return f"cert:{inputs.certificate.thumbprint_sha256}"
+    if inputs.assertion is not None:
+        return f"federated:{inputs.assertion.identity}"
+    return "secret:" + hashlib.sha256(inputs.client_secret.encode()).hexdigest()
+
+
 def _throttled(result: GraphApplication | CheckFailed) -> bool:
     return isinstance(result, CheckFailed) and result.reason in {Reason.GRAPH_THROTTLED, Reason.THROTTLED}
 
@@ -72,12 +82,7 @@ class GraphDiscovery:
         if not spec.discover_graph:
             return None
         app_key: _AppKey = (spec.graph_host.lower(), spec.tenant_id.lower(), spec.client_id.lower())
-        request = dataclasses.replace(
-            token_request(spec, inputs),
-            scope=spec.graph_scope,
-            proxy_url=proxy_for(spec, urlsplit(spec.graph_host).hostname or ""),
-        )
-        failure_key = (*app_key, request.credential_id())
+        failure_key = (*app_key, _credential_id(inputs))
         lock = self._locks.setdefault(app_key, asyncio.Lock())
         async with lock:
             entry = self._apps.get(app_key)
@@ -88,6 +93,12 @@ class GraphDiscovery:
                 (entry is None or entry.fresh_until <= now)
                 and (failure is None or failure.fresh_until <= now)
             ):
+                # Built only for a read: choosing the proxy costs more than the whole cached path.
+                request = dataclasses.replace(
+                    token_request(spec, inputs),
+                    scope=spec.graph_scope,
+                    proxy_url=proxy_for(spec, urlsplit(spec.graph_host).hostname or ""),
+                )
                 entry, failure = await self._read(spec, inputs, tokens, request, app_key, failure_key, now)
         known = self._identify(spec, inputs, entry, now)
         if (
