@@ -30,6 +30,12 @@ EVENTS = {
     "SecretNotProtected": "Warning",
     "ExpiryMismatch": "Warning",
     "ExpiryDiscoveryFailed": "Warning",
+    "RenewalStarted": "Normal",
+    "RenewalCredentialAdded": "Normal",
+    "RenewalSwitched": "Normal",
+    "RenewalOldCredentialRemoved": "Normal",
+    "RenewalOrphanRemoved": "Warning",
+    "RenewalFailed": "Warning",
 }
 
 

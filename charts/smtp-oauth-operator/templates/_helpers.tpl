@@ -91,4 +91,11 @@ app.kubernetes.io/part-of: smtp-oauth-operator
   resources: ["serviceaccounts/token"]
   verbs: ["create"]
 {{- end }}
+{{- if .Values.rbac.renewSecrets }}
+# Client-secret renewal (spec.identity.clientSecret.renewal): create and patch the Secret the operator
+# owns ({name}-renewed). Never delete; the Secret goes with its SmtpOAuthConfig (ownerReference).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create", "patch"]
+{{- end }}
 {{- end }}

@@ -26,7 +26,7 @@ from smtp_oauth_operator.clients.identity import _trust, _TrustAdapter
 from smtp_oauth_operator.domain.reasons import CheckFailed, Reason
 from smtp_oauth_operator.domain.redact import quote_reply
 
-__all__ = ["GraphRead", "read_application"]
+__all__ = ["GraphRead", "add_password", "read_application", "remove_password"]
 
 SELECT = "id,passwordCredentials,keyCredentials"
 _MAX_BODY = 4 << 20  # 64 credentials of an app are some 30 KB; a page of that size is not Graph
@@ -51,10 +51,23 @@ class GraphRead:
 
 async def read_application(read: GraphRead) -> dict[str, Any]:
     """The application object, or CheckFailed with a Graph reason."""
-    return await asyncio.to_thread(_read_sync, read)
+    return await asyncio.to_thread(_request_sync, read, "GET", "", None)
 
 
-def _read_sync(read: GraphRead) -> dict[str, Any]:
+async def add_password(read: GraphRead, display_name: str, end: str) -> dict[str, Any]:
+    """``POST …/addPassword``: the new passwordCredential, ``secretText`` included (the only time Graph
+    returns a value; the caller stores it and never logs it). Needs Application.ReadWrite.OwnedBy as an
+    owner of the app (or Application.ReadWrite.All)."""
+    body = {"passwordCredential": {"displayName": display_name, "endDateTime": end}}
+    return await asyncio.to_thread(_request_sync, read, "POST", "/addPassword", body)
+
+
+async def remove_password(read: GraphRead, key_id: str) -> None:
+    """``POST …/removePassword`` (204)."""
+    await asyncio.to_thread(_request_sync, read, "POST", "/removePassword", {"keyId": key_id})
+
+
+def _request_sync(read: GraphRead, method: str, action: str, body: dict[str, Any] | None) -> dict[str, Any]:
     host = urlsplit(read.graph_host).netloc
     hidden = (read.token, *read.secrets)
     with requests.Session() as session:
@@ -63,14 +76,16 @@ def _read_sync(read: GraphRead) -> dict[str, Any]:
         if read.proxy_url:
             session.proxies = {"https": read.proxy_url, "http": read.proxy_url}
         try:
-            response = session.get(
-                read.url,
-                params={"$select": SELECT},
+            response = session.request(
+                method,
+                read.url + action,
+                params={"$select": SELECT} if method == "GET" else None,
+                json=body,
                 headers={"Authorization": f"Bearer {read.token}", "Accept": "application/json"},
                 timeout=read.timeout,
                 stream=True,
             )
-            body = response.raw.read(_MAX_BODY + 1, decode_content=True)
+            raw = response.raw.read(_MAX_BODY + 1, decode_content=True)
         except requests.exceptions.SSLError:
             raise CheckFailed(
                 Reason.GRAPH_UNAVAILABLE,
@@ -88,17 +103,27 @@ def _read_sync(read: GraphRead) -> dict[str, Any]:
                 Reason.GRAPH_UNAVAILABLE, f"cannot connect to Microsoft Graph at {host} ({detail})"
             ) from None
     status = response.status_code
+    if status == 204 and method == "POST":
+        return {}
     try:
-        payload = json.loads(body) if len(body) <= _MAX_BODY else None
+        payload = json.loads(raw) if len(raw) <= _MAX_BODY else None
     except ValueError:
         payload = None
     if status == 200 and isinstance(payload, dict):
         return payload
-    raise _failure(status, payload, response.headers.get("Retry-After"), read, host, hidden)
+    raise _failure(
+        status, payload, response.headers.get("Retry-After"), read, host, hidden, action.strip("/")
+    )
 
 
 def _failure(
-    status: int, payload: Any, retry_after: str | None, read: GraphRead, host: str, hidden: tuple[str, ...]
+    status: int,
+    payload: Any,
+    retry_after: str | None,
+    read: GraphRead,
+    host: str,
+    hidden: tuple[str, ...],
+    action: str = "",
 ) -> CheckFailed:
     error = payload.get("error") if isinstance(payload, dict) else None
     code = str(error.get("code", "")) if isinstance(error, dict) else ""
@@ -106,9 +131,16 @@ def _failure(
     said = f" ({code}: {message})" if code else ""
     if status == 429:
         delay = float(retry_after) if retry_after and retry_after.strip().isdigit() else None
-        after = f"; reading again after {delay:g} s as asked" if delay else ""
+        after = f"; trying again after {delay:g} s as asked" if delay else ""
+        what = action or "the read"
         return CheckFailed(
-            Reason.GRAPH_THROTTLED, f"Microsoft Graph throttled the read (HTTP 429){after}", retry_after=delay
+            Reason.GRAPH_THROTTLED, f"Microsoft Graph throttled {what} (HTTP 429){after}", retry_after=delay
+        )
+    if status in (401, 403) and action:
+        return CheckFailed(
+            Reason.GRAPH_ACCESS_DENIED,
+            f"Microsoft Graph refused {action} on app {read.app_id} (HTTP {status}{said}): renewal needs the "
+            "application permission Application.ReadWrite.OwnedBy with the app as an owner of itself",
         )
     if status in (401, 403):
         return CheckFailed(

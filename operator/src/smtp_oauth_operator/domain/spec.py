@@ -120,6 +120,16 @@ class ClientCertificate:
 
 
 @dataclass(frozen=True, slots=True)
+class Renewal:
+    """spec.identity.clientSecret.renewal: add a new secret this long before expiry, valid this long, and
+    remove the old one this long after the switch."""
+
+    renew_before: timedelta
+    validity: timedelta
+    grace_period: timedelta
+
+
+@dataclass(frozen=True, slots=True)
 class WorkloadIdentity:
     """Federation: a ServiceAccount token of the resource's namespace (or the operator's own) is the
     client assertion. ``service_account`` is None exactly when ``use_operator_identity``."""
@@ -163,6 +173,7 @@ class SmtpOAuthSpec:
     client_certificate: ClientCertificate | None = None
     workload_identity: WorkloadIdentity | None = None
     discover_graph: bool = False  # spec.identity.discovery.graph
+    renewal: Renewal | None = None  # spec.identity.clientSecret.renewal
     graph_host: str = "https://graph.microsoft.com"  # where Graph is reached (overridable for tests)
 
     @property
@@ -225,6 +236,18 @@ def recheck_token(annotations: Mapping[str, Any] | None) -> str | None:
     if len(value) <= 128:
         return value
     return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+
+
+_LONG_DURATION = re.compile(r"^(?:([0-9]{1,4})d)?(?:([0-9]{1,6})h)?(?:([0-9]{1,7})m)?(?:([0-9]{1,8})s)?$")
+
+
+def parse_long_duration(text: str) -> timedelta:
+    """A duration that may start with days (``30d``, ``180d``, ``1d12h``, ``90s``)."""
+    match = _LONG_DURATION.match(text.strip()) if isinstance(text, str) else None
+    if not match or not any(match.groups()):
+        raise ValueError(f"{text!r} is not a duration like 30d, 24h or 1d12h")
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -402,6 +425,8 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
     if not isinstance(discover_graph, bool):
         raise SpecError("identity.discovery.graph", "must be true or false")
     graph_host = _https_url(discovery.text("graphHost", cloud.graph_host), "identity.discovery.graphHost")
+    secret_r = ident.sub("clientSecret")
+    renewal = _parse_renewal(secret_r.sub("renewal"), discover_graph) if secret_r.has("renewal") else None
 
     proxy_url = r.sub("proxy").opt_text("url")
     if proxy_url is not None:
@@ -467,7 +492,25 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
         workload_identity=workload,
         discover_graph=discover_graph,
         graph_host=graph_host.rstrip("/"),
+        renewal=renewal,
     )
+
+
+def _parse_renewal(r: _Reader, discover_graph: bool) -> Renewal | None:
+    path = "identity.clientSecret.renewal"
+    if not discover_graph:
+        raise SpecError(path, "needs identity.discovery.graph: true (renewal starts from Graph's expiry)")
+    values = {}
+    for key, default in (("renewBefore", "30d"), ("validity", "180d"), ("gracePeriod", "24h")):
+        try:
+            values[key] = parse_long_duration(r.text(key, default))
+        except ValueError as exc:
+            raise SpecError(f"{path}.{key}", str(exc)) from None
+    if not timedelta(minutes=1) <= values["validity"] <= timedelta(days=730):
+        raise SpecError(f"{path}.validity", "must be between 1m and 730d (Entra ID's longest secret)")
+    if values["renewBefore"] >= values["validity"]:
+        raise SpecError(f"{path}.renewBefore", "must be shorter than validity")
+    return Renewal(values["renewBefore"], values["validity"], values["gracePeriod"])
 
 
 _CredentialParts = tuple[

@@ -214,6 +214,7 @@ def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
             "appCredentials",
             "expiryMismatch",
             "expirySource",
+            "renewal",
         }
     }
     events: list[Event] = []

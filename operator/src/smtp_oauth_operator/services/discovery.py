@@ -177,6 +177,10 @@ class GraphDiscovery:
         self._apps[app_key] = fresh
         return fresh, None
 
+    def forget(self, spec: SmtpOAuthSpec) -> None:
+        """The app's credentials changed (renewal wrote to Graph): the next pass reads again."""
+        self._apps.pop((spec.graph_host.lower(), spec.tenant_id.lower(), spec.client_id.lower()), None)
+
     def _prune(self, now: datetime) -> None:
         if len(self._apps) + len(self._failures) < MAX_ENTRIES:
             return

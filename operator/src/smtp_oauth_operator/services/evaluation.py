@@ -27,6 +27,7 @@ from smtp_oauth_operator.domain.spec import (
 from smtp_oauth_operator.domain.status import ConnectionTestResult, Decision, Observation, decide
 from smtp_oauth_operator.services.connection import Inputs, ObjectSource, resolve, run
 from smtp_oauth_operator.services.discovery import GraphDiscovery
+from smtp_oauth_operator.services.renewal import Renewer, renewed_spec
 
 __all__ = ["Pass", "backoff", "evaluate"]
 
@@ -131,6 +132,7 @@ async def evaluate(
     now: datetime,
     force: bool = False,
     discovery: GraphDiscovery | None = None,
+    renewer: Renewer | None = None,
 ) -> Pass:
     """Run one pass; ``force`` tests even when the last test is fresh (the CLI). ``discovery`` holds the
     process's Graph reads (a fresh one, reading at once, when not given).
@@ -182,6 +184,9 @@ async def evaluate(
         )
         return Pass(decide(status, observation), None, None, record, None)
 
+    # Once a renewal has switched, the credential is the operator's own Secret (services/renewal.py).
+    renewal_state = status.get("renewal")
+    spec = renewed_spec(spec, renewal_state if isinstance(renewal_state, Mapping) else None)
     secret_name = f"{namespace}/{spec.credential_secret or '-'}"
     inputs: Inputs | None = None
     record = None
@@ -225,6 +230,18 @@ async def evaluate(
     expires_at = _effective_expiry(spec, typed, discovered, status)
     expiry = expiry_maths.evaluate(expires_at, now, spec.warn_before_days)
     protection = assess(secret_name, inputs.secret_metadata, spec.secret_policy) if inputs else None
+    if (
+        inputs is not None
+        and spec.renewal is not None
+        and spec.secret_ref is not None
+        and (inputs.secret_metadata.get("labels") or {}).get("smtpoauth.dev/renewal-of")
+    ):
+        protection = Protection(
+            "True",
+            Reason.PROTECTED,
+            f"Secret {secret_name} holds the renewed secret: written by the operator, never committed, and "
+            "labelled velero.io/exclude-from-backup=true.",
+        )
     if spec.workload_identity is not None:
         protection = Protection(
             "True",
@@ -251,7 +268,14 @@ async def evaluate(
     )
     decision = decide(status, observation)
     retry = discovered.retry_at if discovered else None
-    next_due = min((t for t in (due_at, expiry.next_change, retry) if t is not None), default=None)
+    step_due = None
+    if renewer is not None and inputs is not None and spec.renewal is not None:
+        step = await renewer.advance(body, spec, inputs, tokens, discovered, source, now=now)
+        if step.state is not None:
+            decision.status["renewal"] = step.state
+        decision.events.extend(step.events)
+        step_due = step.next_due
+    next_due = min((t for t in (due_at, expiry.next_change, retry, step_due) if t is not None), default=None)
     return Pass(decision, spec, inputs, record, next_due, expires_at)
 
 

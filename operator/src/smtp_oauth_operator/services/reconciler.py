@@ -44,6 +44,7 @@ from smtp_oauth_operator.domain.spec import RECHECK_ANNOTATION, SpecError, parse
 from smtp_oauth_operator.services.connection import send_mail
 from smtp_oauth_operator.services.discovery import GraphDiscovery
 from smtp_oauth_operator.services.evaluation import Pass, evaluate
+from smtp_oauth_operator.services.renewal import Renewer
 from smtp_oauth_operator.services.workqueue import AsyncWorkQueue, ShutDown, WorkQueue
 
 __all__ = ["Reconciler"]
@@ -162,6 +163,7 @@ class Reconciler:
         self.tokens = tokens
         self.metrics = metrics
         self.discovery = GraphDiscovery()  # Graph reads shared by every resource of an app registration
+        self.renewer = Renewer(kube, self.discovery)
         self.clock = clock
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
@@ -433,7 +435,9 @@ class Reconciler:
         self.passes += 1
         body = entry.body
         evaluated = entry.trigger
-        result = await evaluate(body, self.kube, self.tokens, now=self.clock(), discovery=self.discovery)
+        result = await evaluate(
+            body, self.kube, self.tokens, now=self.clock(), discovery=self.discovery, renewer=self.renewer
+        )
         if self._entries.get(key) is not entry:
             return None  # deleted during the pass: no status, no metric series
         self._record(key, result)
