@@ -229,3 +229,26 @@ def test_a_stored_but_unrecorded_add_is_adopted(ns: Namespace, dev: Dev, operato
     assert dev.graph.requests["addPassword"] == adds  # adopted, not added again
     assert len([n for n in _passwords(dev, app).values() if n.startswith("smtp-oauth-operator")]) == 1
     _no_leak(dev, ns, operator, "mail")
+
+
+def test_renewal_without_write_permission_fails_named_and_ready_stays(
+    ns: Namespace, dev: Dev, operator: OperatorProcess
+) -> None:
+    app = dev.new_app()
+    dev.idp.grant_api_roles(app.tenant_id, app.client_id, GRAPH_RESOURCE, "Application.Read.All")  # read only
+    end = (datetime.now(UTC) + timedelta(days=10)).replace(microsecond=0)
+    dev.idp.set_secret_end(app.tenant_id, app.client_id, app.secret, end)
+    ns.secret(app.secret)
+    ns.smtp_oauth_config("mail", _spec(dev, app))
+    ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested")
+    wait_until(lambda: ns.count_events("mail", "RenewalFailed") == 1, timeout=60, what="RenewalFailed")
+    (event,) = [e for e in ns.events_for("mail") if e["reason"] == "RenewalFailed"]
+    assert "addPassword" in event["message"]
+    assert "Application.ReadWrite.OwnedBy" in event["message"]
+    state = _renewal(ns)
+    assert state["phase"] == "Adding"
+    assert state["lastFailure"]["step"] == "addPassword"
+    assert state["lastFailure"]["reason"] == "GraphAccessDenied"
+    ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested")
+    assert [n for n in _passwords(dev, app).values() if n.startswith("smtp-oauth-operator")] == []
+    _no_leak(dev, ns, operator, "mail")
