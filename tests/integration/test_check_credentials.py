@@ -348,7 +348,7 @@ def test_operator_identity_from_azure_workload_identity_variables(
     monkeypatch.setenv("AZURE_CLIENT_ID", "44444444-4444-4444-8444-444444444444")
     before = peers.idp.token_requests
     code, result = run_check(peers, capsys, caplog, path, secrets=[token])
-    assert code == 1
+    assert code == 2  # InvalidSpec is unusable input for check
     assert result["reason"] == "InvalidSpec"
     assert "AZURE_CLIENT_ID" in result["message"]
     assert peers.idp.token_requests == before
