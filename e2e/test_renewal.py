@@ -247,3 +247,33 @@ def test_renewal_without_write_permission_fails_named_and_ready_stays(
     ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested")
     assert [n for n in _passwords(dev, app).values() if n.startswith("smtp-oauth-operator")] == []
     _no_leak(dev, ns, operator, "mail")
+
+
+def test_a_second_renewal_never_breaks_the_secret_in_use(
+    ns: Namespace, dev: Dev, operator: OperatorProcess
+) -> None:
+    """validity just above renewBefore: the renewed secret is renewed again ~20 s later, into the other Secret."""
+    app = _renewing_app(dev)
+    ns.secret(app.secret)
+    spec = _spec(dev, app, grace="3s")
+    spec["identity"]["clientSecret"]["renewal"]["validity"] = "30d20s"
+    ns.smtp_oauth_config("mail", spec)
+    wait_until(lambda: _renewal(ns).get("phase") == "Done", timeout=60, what="the first renewal")
+    first = _renewal(ns)
+    wait_until(
+        lambda: _renewal(ns).get("phase") == "Done" and _renewal(ns).get("intent") != first["intent"],
+        timeout=90,
+        what="the second renewal",
+    )
+    second = _renewal(ns)
+    reasons = ns.event_reasons("mail")
+    assert "ConnectionTestFailed" not in reasons  # the resource never lost a working secret
+    assert first["secretName"] == "mail-renewed"
+    assert second["secretName"] == "mail-renewed-b"
+    assert second["fromSecret"] == "mail-renewed"
+    assert second["oldKeyId"] == first["newKeyId"]
+    passwords = _passwords(dev, app)
+    assert list(passwords) == [second["newKeyId"]]  # the original and the first renewal's both removed
+    ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested")
+    assert "RenewalFailed" not in reasons
+    _no_leak(dev, ns, operator, "mail")

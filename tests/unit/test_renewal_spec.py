@@ -75,6 +75,19 @@ def test_switched_resource_reads_the_operators_secret() -> None:
     assert renewed_spec(off, {"phase": "Done", "secretName": "mail-renewed"}) is off
 
 
+def test_a_second_renewal_keeps_the_secret_in_use_until_its_switch() -> None:
+    spec = parse_spec(raw({}))
+    state = {"phase": "Adding", "secretName": "mail-renewed-b", "fromSecret": "mail-renewed"}
+    during = renewed_spec(spec, state)
+    assert during.secret_ref is not None
+    assert during.secret_ref.name == "mail-renewed"
+    after = renewed_spec(spec, {**state, "phase": "Active"})
+    assert after.secret_ref is not None
+    assert after.secret_ref.name == "mail-renewed-b"
+    assert owned_secret_name("mail", other_than="mail-renewed") == "mail-renewed-b"
+    assert owned_secret_name("mail", other_than="mail-renewed-b") == "mail-renewed"
+
+
 def test_owned_secret_name_fits() -> None:
     assert owned_secret_name("mail") == "mail-renewed"
     long = owned_secret_name("a" * 253)

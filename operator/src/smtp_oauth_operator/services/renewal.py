@@ -58,18 +58,30 @@ NEXT_STEP = timedelta(seconds=1)
 SWITCHED = frozenset({"Active", "Removing", "Done"})
 
 
-def owned_secret_name(resource: str) -> str:
-    name = f"{resource}-renewed"
-    if len(name) <= 253:
-        return name
-    return f"{resource[:236]}-{hashlib.sha256(resource.encode()).hexdigest()[:8]}-renewed"
+def owned_secret_name(resource: str, *, other_than: str | None = None) -> str:
+    """``{name}-renewed``, or ``{name}-renewed-b`` when the first one holds the secret in use (a second
+    renewal must not overwrite the value the resource still authenticates with)."""
+    base = (
+        resource
+        if len(resource) <= 236
+        else f"{resource[:227]}-{hashlib.sha256(resource.encode()).hexdigest()[:8]}"
+    )
+    name = f"{base}-renewed"
+    return f"{name}-b" if name == other_than else name
 
 
 def renewed_spec(spec: SmtpOAuthSpec, state: Mapping[str, Any] | None) -> SmtpOAuthSpec:
-    """The spec the resource is tested with: once switched, the operator's own Secret (whose date Graph knows)."""
-    if spec.renewal is None or not state or state.get("phase") not in SWITCHED or not state.get("secretName"):
+    """The spec the resource is tested with: once switched, the operator's own Secret (whose date Graph knows);
+    during a later renewal, the renewed Secret still in use (``fromSecret``) until the next switch."""
+    if spec.renewal is None or not state:
         return spec
-    ref = KeyRef("Secret", str(state["secretName"]), OWNED_KEY)
+    if state.get("phase") in SWITCHED and state.get("secretName"):
+        name = str(state["secretName"])
+    elif state.get("fromSecret"):
+        name = str(state["fromSecret"])
+    else:
+        return spec
+    ref = KeyRef("Secret", name, OWNED_KEY)
     return dataclasses.replace(spec, secret_ref=ref, expires_at=None, expires_at_key=None)
 
 
@@ -146,13 +158,16 @@ class Renewer:
         if now < start_at:
             return Step(next_due=start_at)
         intent = uuid.uuid4().hex
+        in_use = str(state.get("secretName") or "") if state.get("phase") == "Done" else ""
         new_state = {
             "phase": "Adding",
             "intent": intent,
             "oldKeyId": found.in_use[0],
-            "secretName": owned_secret_name(str(meta.get("name"))),
+            "secretName": owned_secret_name(str(meta.get("name")), other_than=in_use),
             "startedAt": timestamp(now),
         }
+        if in_use:
+            new_state["fromSecret"] = in_use
         message = (
             f"The client secret in use (keyId {found.in_use[0]}) ends {timestamp(found.expires_at)}, within "
             f"renewBefore: adding a new one through Microsoft Graph."
@@ -188,6 +203,23 @@ class Renewer:
         )
         events: list[Event] = []
         if adopted is None:
+            labels = {
+                "velero.io/exclude-from-backup": "true",
+                "app.kubernetes.io/managed-by": "smtp-oauth-operator",
+                "smtpoauth.dev/renewal-of": str(meta.get("name"))[:63],
+            }
+            owner = {
+                "apiVersion": str(body.get("apiVersion") or "smtpoauth.dev/v1alpha1"),
+                "kind": "SmtpOAuthConfig",
+                "name": str(meta.get("name")),
+                "uid": str(meta.get("uid") or ""),
+                "controller": True,
+                "blockOwnerDeletion": False,
+            }
+            # The Secret first, empty: a missing RBAC rule fails here, before Graph holds anything of ours.
+            await self.kube.write_secret(
+                namespace, name, {}, labels=labels, annotations={INTENT_ANNOTATION: intent}, owner=owner
+            )
             graph = await self._graph(spec, inputs, tokens)
             for orphan in ours:
                 if orphan["keyId"] == state.get("oldKeyId"):
@@ -213,20 +245,9 @@ class Renewer:
                 namespace,
                 name,
                 {OWNED_KEY: secret},
-                labels={
-                    "velero.io/exclude-from-backup": "true",
-                    "app.kubernetes.io/managed-by": "smtp-oauth-operator",
-                    "smtpoauth.dev/renewal-of": str(meta.get("name"))[:63],
-                },
+                labels=labels,
                 annotations={INTENT_ANNOTATION: intent, KEY_ID_ANNOTATION: key_id},
-                owner={
-                    "apiVersion": str(body.get("apiVersion") or "smtpoauth.dev/v1alpha1"),
-                    "kind": "SmtpOAuthConfig",
-                    "name": str(meta.get("name")),
-                    "uid": str(meta.get("uid") or ""),
-                    "controller": True,
-                    "blockOwnerDeletion": False,
-                },
+                owner=owner,
             )
             self.discovery.forget(spec)
         else:
