@@ -10,9 +10,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: bootstrap tools lint unit e2e test demo bench clean image
+.PHONY: bootstrap tools debs lint unit e2e test demo bench bench-relay clean image
 
-bootstrap: $(STAMP) tools
+bootstrap: $(STAMP) tools debs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ tools:
 	bash hack/k8s-tools.sh >/dev/null
 	bash hack/sealed-secrets.sh >/dev/null
 	bash hack/image-debs.sh
+	bash hack/alertmanager.sh >/dev/null
+
+# Real SMTP clients for the relay tests (swaks, msmtp) from Debian's packages.
+debs:
+	bash hack/debian-packages.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -53,6 +58,11 @@ bench: bootstrap
 image:
 	bash hack/image-debs.sh
 	bash hack/image.sh
+
+# The relay against the floor and email-oauth2-proxy (docs/performance.md, "SMTP relay").
+bench-relay: bootstrap
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m e2e.bench relay
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

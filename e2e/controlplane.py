@@ -524,11 +524,21 @@ class ControlPlane:
     def restart_apiserver(self) -> None:
         """Stop kube-apiserver and start it again on the same port with the same etcd."""
         with self._lock:
+            self.stop_apiserver()
+            self.start_apiserver()
+
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver (etcd keeps running): every client's watch breaks."""
+        with self._lock:
             if "kube-apiserver" not in self._procs:
                 raise ControlPlaneError("kube-apiserver is not running")
             self._stop_proc("kube-apiserver")
             assert self.apiserver_port is not None
             _wait_port_free(self.apiserver_port, 15.0)
+
+    def start_apiserver(self) -> None:
+        """Start kube-apiserver again on the same port with the same etcd, and wait until ready."""
+        with self._lock:
             self._start_apiserver()
             self._wait_apiserver_ready()
 

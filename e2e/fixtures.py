@@ -204,9 +204,18 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
 class OperatorProcess:
     """``smtp-oauth-operator run -A --log-level debug --log-format json`` as a subprocess."""
 
-    def __init__(self, control_plane: ControlPlane, log_file: Path) -> None:
+    def __init__(
+        self,
+        control_plane: ControlPlane,
+        log_file: Path,
+        args: Sequence[str] = ("-A",),
+        *,
+        kubeconfig: Path | None = None,
+    ) -> None:
         self.control_plane = control_plane
         self.log_file = log_file
+        self.args = list(args)  # scope (-A / -n NS), peering
+        self.kubeconfig = kubeconfig
         self.metrics_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -219,7 +228,7 @@ class OperatorProcess:
     def start(self, timeout: float = 60.0) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
-        env = operator_env(self.control_plane.env())
+        env = operator_env(self.control_plane.env(self.kubeconfig))
         env["PYTHONUNBUFFERED"] = "1"
         # The fake servers' CA is given per resource (caBundle); nothing from the environment applies.
         for var in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "HTTPS_PROXY", "HTTP_PROXY", "https_proxy"):
@@ -227,7 +236,7 @@ class OperatorProcess:
         cmd = [
             *OPERATOR_CMD,
             "run",
-            "-A",
+            *self.args,
             "--log-level",
             "debug",
             "--log-format",
@@ -322,10 +331,13 @@ class OperatorProcess:
             return str(resp.read().decode())
 
     def seen_since_start(self, namespace: str, name: str) -> bool:
-        """Whether the current process has logged anything about ``namespace/name``."""
+        """Whether the current process has logged anything about ``namespace/name`` (at debug level the
+        operator logs every SmtpOAuthConfig it lists or sees an event of)."""
         for record in self.log_records():
             obj = record.get("object") or {}
             if obj.get("namespace") == namespace and obj.get("name") == name:
+                return True
+            if str(record.get("message", "")).startswith(f"SmtpOAuthConfig {namespace}/{name} "):
                 return True
         return False
 

@@ -816,7 +816,8 @@ def test_a_missing_permission_is_a_log_line_and_a_condition_not_a_crash_loop(
     assert operator.healthz() == 200
     assert re.search(r'configmaps is forbidden: User "system:serviceaccount:chart-deny:deny-smtp-oauth-operator" '
                      r'cannot list resource "configmaps"', operator.log)  # fmt: skip
-    assert "will retry" in operator.log
+    assert re.search(r"ConfigMap list/watch failed \(GET /api/v1/configmaps: HTTP 403 Forbidden: .*\); "
+                     r"listing again in \d+ s", operator.log)  # fmt: skip
     assert "escalating" not in operator.log
 
     # Granting the rule back heals it without a restart: the watch resumes, the resource gets Ready.
@@ -911,3 +912,99 @@ def test_extra_ca_bundle_is_trusted_through_ssl_cert_file(plane: Plane, dev_serv
     trusted = check({"SSL_CERT_FILE": str(combined), "REQUESTS_CA_BUNDLE": str(combined)})
     assert trusted.returncode == 0, trusted.stdout + trusted.stderr
     assert json.loads(trusted.stdout)[0]["ready"] is True
+
+
+# --------------------------------------------------------------------------------------------
+# the relay: its own read-only RBAC is sufficient and exactly what it uses; the generated certificate
+
+
+def test_relay_rbac_is_read_only_sufficient_and_exactly_what_the_relay_uses(
+    plane: Plane, dev_servers: DevServers, crd_installed: None, run_operator: Any
+) -> None:
+    import base64  # noqa: PLC0415
+    import smtplib  # noqa: PLC0415
+
+    release, namespace, watched = "relay", "chart-relay", "chart-relay-mail"
+    plane.ensure_namespace(watched)
+    plane.helm("install", release, str(CHART), "-n", namespace, "--create-namespace",
+               "--set", "crds.enabled=false", "--set", "relay.enabled=true")  # fmt: skip
+    run_operator(namespace, "relay-smtp-oauth-operator", ["--all-namespaces"], "relay-operator")
+
+    relay_sa = "relay-smtp-oauth-operator-relay"
+    # The generated certificate: a kubernetes.io/tls Secret whose ca.crt is what clients trust.
+    tls = plane.get_json("secret", f"{relay_sa}-tls", "-n", namespace)
+    assert tls["type"] == "kubernetes.io/tls"
+    files = {k: base64.b64decode(v).decode() for k, v in tls["data"].items()}
+    for key in ("tls.crt", "tls.key", "ca.crt"):
+        (plane.tmp / f"relay-{key}").write_text(files[key])
+    # A second upgrade keeps it (lookup), so clients' trust does not break.
+    plane.helm("upgrade", release, str(CHART), "-n", namespace,
+               "--set", "crds.enabled=false", "--set", "relay.enabled=true")  # fmt: skip
+    assert plane.get_json("secret", f"{relay_sa}-tls", "-n", namespace)["data"] == tls["data"]
+
+    password = "chart-e2e~RELAY.password_0123456789"
+    items = _sample_items(dev_servers, watched)
+    items[-1]["spec"]["relay"] = {"enabled": True, "credentialsSecretRef": {"name": "mail-relay"}}
+    items.insert(
+        0,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/basic-auth",
+            "metadata": {"name": "mail-relay", "namespace": watched},
+            "stringData": {"username": "grafana", "password": password},
+        },
+    )
+    plane.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    wait = plane.kubectl(
+        "wait", "--for=condition=Ready", "smtpoauthconfig/mail", "-n", watched, "--timeout=90s", check=False
+    )
+    assert wait.returncode == 0, wait.stderr
+
+    token = plane.cp.token_for(namespace, relay_sa, duration=3600)
+    kubeconfig = plane.cp.kubeconfig_for_token(token, plane.tmp / "relay.kubeconfig")
+    port = free_port()
+    log_path = plane.tmp / "relay.log"
+    env = operator_env({k: v for k, v in os.environ.items() if k not in {"HTTPS_PROXY", "https_proxy"}})
+    env["KUBECONFIG"] = str(kubeconfig)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*OPERATOR_CMD, "relay", "--listen", "127.0.0.1", f"--port={port}",
+             f"--tls-cert={plane.tmp / 'relay-tls.crt'}", f"--tls-key={plane.tmp / 'relay-tls.key'}",
+             "--log-level=debug"],
+            env=env, cwd=plane.tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        context = ssl.create_default_context(cafile=str(plane.tmp / "relay-ca.crt"))
+        context.check_hostname = False  # the certificate names the Service; the chain is what is checked
+        deadline = time.monotonic() + 60
+        code = 0
+        while code != 235:
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, f"the relay never served mail/mail:\n{log_path.read_text()}"
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                    smtp.starttls(context=context)
+                    code = smtp.login("grafana", password)[0]
+                    smtp.sendmail(dev_servers.endpoints.mailbox, ["ops@contoso.com"],
+                                  f"From: {dev_servers.endpoints.mailbox}\r\nSubject: chart relay\r\n\r\nhi\r\n")  # fmt: skip
+            except (OSError, smtplib.SMTPException):
+                time.sleep(0.5)
+        assert any(m.message["Subject"] == "chart relay" for m in dev_servers.exchange.messages)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=40)
+    assert proc.returncode == 0
+    out = log_path.read_text()
+    assert password not in out
+    assert CLIENT_SECRET not in out
+
+    calls = _calls(plane.audit(f"system:serviceaccount:{namespace}:{relay_sa}"))
+    assert calls, "no audited calls from the relay"
+    denied = [c for c in calls if c[4] == 403]
+    assert not denied, f"the relay's RBAC denied: {denied}"
+    used = {(g, r, v) for g, r, v, _, _ in calls}
+    granted = _rules(plane.get_json("clusterrole", relay_sa))
+    assert used <= granted
+    assert granted - used == set(), f"granted but never used: {granted - used}"
+    assert not {v for _, _, v in granted} - {"get", "list", "watch"}  # read-only

@@ -237,6 +237,7 @@ def test_printer_columns() -> None:
         ("Username", "string", ".spec.username", 1),
         ("SMTP", "string", ".status.smtpEndpoint", 1),
         ("Last Test", "date", ".status.lastTestTime", 1),
+        ("Relay", "boolean", ".spec.relay.enabled", 1),
         ("Message", "string", f"{ready}.message", 1),
     ]
 
@@ -332,16 +333,21 @@ def test_enums_equal_parser_values(path: str, expected: list[str]) -> None:
         ("smtp.port", 1, 65535),
         ("smtp.connectionTimeoutSeconds", 1, 300),
         ("identity.timeoutSeconds", 1, 300),
+        ("relay.messagesPerMinute", 1, 10_000),
+        ("relay.recipientsPerDay", 1, 1_000_000),
     ],
 )
 def test_integer_bounds_agree(path: str, lo: int, hi: int) -> None:
     node = at(path)
+    base = None
+    if path.startswith("relay."):
+        base = with_value("relay", {"enabled": True, "credentialsSecretRef": {"name": "alerts-relay"}})
     assert (node["minimum"], node["maximum"]) == (lo, hi)
-    parse_spec(with_value(path, lo))
-    parse_spec(with_value(path, hi))
+    parse_spec(with_value(path, lo, base))
+    parse_spec(with_value(path, hi, base))
     for bad in (lo - 1, hi + 1):
         with pytest.raises(SpecError) as err:
-            parse_spec(with_value(path, bad))
+            parse_spec(with_value(path, bad, base))
         assert err.value.field == path
 
 
@@ -550,3 +556,43 @@ def test_credential_samples_parse(name: str) -> None:
     spec = parse_spec(config["spec"])
     assert spec.credential_kind in {"ClientCertificate", "WorkloadIdentity"}
     assert parse_spec(apply_defaults(config["spec"], SPEC_SCHEMA)) == spec
+
+
+# spec.relay
+
+
+RELAYED = with_value("relay", {"enabled": True, "credentialsSecretRef": {"name": "alerts-relay"}})
+
+
+def test_relay_defaults_and_derived_senders() -> None:
+    assert parse_spec(MINIMAL).relay is None
+    assert parse_spec(with_value("relay", {"enabled": False})).relay is None
+    relay = parse_spec(RELAYED).relay
+    assert relay is not None
+    assert relay.credentials_secret == "alerts-relay"
+    assert relay.allowed_senders == (MINIMAL["username"],)
+    assert relay.messages_per_minute == at("relay.messagesPerMinute")["default"] == 30
+    assert relay.recipients_per_day == at("relay.recipientsPerDay")["default"] == 10_000
+    assert at("relay.enabled")["default"] is False
+    assert "default" not in at("relay.allowedSenders")
+    assert "derived" in at("relay.allowedSenders")["description"]
+    assert relay.allows(MINIMAL["username"].upper())
+    assert not relay.allows("other@contoso.com")
+    assert parse_spec(apply_defaults(RELAYED, SPEC_SCHEMA)) == parse_spec(RELAYED)
+
+
+def test_relay_rules_agree() -> None:
+    rules = cel_rules(at("relay"))
+    assert [r["fieldPath"] for r in rules] == [".credentialsSecretRef"]
+    with pytest.raises(SpecError) as err:
+        parse_spec(with_value("relay", {"enabled": True}))
+    assert err.value.field == "relay.credentialsSecretRef"
+    senders = at("relay.allowedSenders")
+    assert (senders["minItems"], senders["maxItems"]) == (1, 20)
+    for bad in ([], [f"a{i}@contoso.com" for i in range(21)], ["alerts"]):
+        with pytest.raises(SpecError) as err:
+            parse_spec(with_value("relay.allowedSenders", bad, RELAYED))
+        assert err.value.field == "relay.allowedSenders"
+    (pattern,) = regexes(cel_rules(senders["items"])[0]["rule"])
+    assert re.search(pattern, "alerts@contoso.com")
+    assert not re.search(pattern, "alerts")

@@ -64,7 +64,7 @@ app.kubernetes.io/part-of: smtp-oauth-operator
 
 {{/* The operator's rules on namespaced resources: exactly the API calls it makes (docs/security.md). */}}
 {{- define "smtp-oauth-operator.namespacedRules" -}}
-# Watch SmtpOAuthConfigs (kopf lists, then watches; it never gets one by name).
+# Watch SmtpOAuthConfigs (the operator lists, then watches; it never gets one by name).
 - apiGroups: ["smtpoauth.dev"]
   resources: ["smtpoauthconfigs"]
   verbs: ["list", "watch"]
@@ -72,7 +72,8 @@ app.kubernetes.io/part-of: smtp-oauth-operator
 - apiGroups: ["smtpoauth.dev"]
   resources: ["smtpoauthconfigs/status"]
   verbs: ["patch"]
-# Read the referenced client secret (get) and notice rotations (list, watch). Never create, update or delete.
+# Read the referenced client secret (get) and notice rotations (list, watch: metadata only, never data).
+# Never create, update or delete.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch"]
@@ -98,4 +99,44 @@ app.kubernetes.io/part-of: smtp-oauth-operator
   resources: ["secrets"]
   verbs: ["create", "patch"]
 {{- end }}
+{{- end }}
+
+{{/* The relay's own labels: its Pods must not match the operator's selector (Service, PDB, NetworkPolicy). */}}
+{{- define "smtp-oauth-operator.relayName" -}}
+{{- printf "%s-relay" (include "smtp-oauth-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "smtp-oauth-operator.relaySelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-relay" (include "smtp-oauth-operator.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: relay
+{{- end }}
+
+{{- define "smtp-oauth-operator.relayLabels" -}}
+helm.sh/chart: {{ include "smtp-oauth-operator.chart" . }}
+{{ include "smtp-oauth-operator.relaySelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: smtp-oauth-operator
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "smtp-oauth-operator.relayTlsSecret" -}}
+{{- default (printf "%s-tls" (include "smtp-oauth-operator.relayName" .)) .Values.relay.tls.secretName }}
+{{- end }}
+
+{{/* Read-only: the relay lists and watches SmtpOAuthConfigs and Secrets, gets the Secrets and ConfigMaps
+a relayed configuration references. It never writes anything. */}}
+{{- define "smtp-oauth-operator.relayRules" -}}
+- apiGroups: ["smtpoauth.dev"]
+  resources: ["smtpoauthconfigs"]
+  verbs: ["list", "watch"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get"]
 {{- end }}

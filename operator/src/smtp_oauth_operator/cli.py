@@ -283,8 +283,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument(
         "--peering", default=None, help="kopf peering name for a hot standby (default: standalone)"
     )
+    run.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority: the highest live replica works, the others wait (default: random)",
+    )
     run.add_argument("--log-format", choices=("plain", "full", "json"), default="full")
     run.add_argument("--log-level", choices=("warning", "info", "debug"), default="info")
+    _add_relay_parser(sub)
     args = parser.parse_args(argv)
 
     if args.command == "check":
@@ -305,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if all(r["ready"] for r in results) else 1
     if args.command == "run":
         return _run(args)
+    if args.command == "relay":
+        return _relay(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
@@ -316,6 +325,7 @@ def _run(args: argparse.Namespace) -> int:
 
     os.environ["SMTPOAUTH_METRICS_PORT"] = str(args.metrics_port)
     os.environ["SMTPOAUTH_WORKERS"] = str(args.workers)
+    os.environ["SMTPOAUTH_NAMESPACES"] = ",".join(args.namespace or ())
     kopf_args = ["run", "-m", "smtp_oauth_operator.main", f"--log-format={args.log_format}"]
     if args.namespace:
         for namespace in args.namespace:
@@ -323,6 +333,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         kopf_args.append("--all-namespaces")
     kopf_args += [f"--peering={args.peering}"] if args.peering else ["--standalone"]
+    if args.priority is not None:
+        kopf_args.append(f"--priority={args.priority}")
     if args.liveness:
         kopf_args.append(f"--liveness={args.liveness}")
     # kopf logs at INFO by default; its --verbose means DEBUG (every HTTP request urllib3 makes, every
@@ -333,6 +345,71 @@ def _run(args: argparse.Namespace) -> int:
         kopf_args.append("--quiet")
     try:
         kopf_cli.main(args=kopf_args, prog_name="smtp-oauth-operator", standalone_mode=False)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _add_relay_parser(sub: Any) -> None:
+    relay = sub.add_parser(
+        "relay",
+        help="SMTP relay: accept AUTH PLAIN/LOGIN from apps, submit with XOAUTH2 through Ready configurations",
+    )
+    relay.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        help="serve the SmtpOAuthConfigs and Secrets in these manifest files (no cluster); "
+        "without -f, watch the cluster",
+    )
+    relay.add_argument("-n", "--namespace", action="append", help="watch only this namespace (repeatable)")
+    relay.add_argument("--listen", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")  # noqa: S104
+    relay.add_argument(
+        "--port", type=int, default=2587, help="STARTTLS port (default 2587; the Service maps 587)"
+    )
+    relay.add_argument("--tls-port", type=int, default=0, help="implicit-TLS port, e.g. 2465 (0: off)")
+    relay.add_argument("--tls-cert", help="PEM certificate chain file (a kubernetes.io/tls Secret's tls.crt)")
+    relay.add_argument("--tls-key", help="PEM private key file (tls.key)")
+    relay.add_argument(
+        "--tls-secret", help="with -f: the kubernetes.io/tls Secret in the files to use, as NAMESPACE/NAME"
+    )
+    relay.add_argument("--hostname", default="smtp-relay", help="the name in the greeting")
+    relay.add_argument(
+        "--max-message-size", type=int, default=35 * 1024 * 1024, help="bytes, advertised with SIZE (35 MB)"
+    )
+    relay.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics here (0: off)")
+    relay.add_argument("--log-level", choices=("warning", "info", "debug"), default="info")
+
+
+def _relay(args: argparse.Namespace) -> int:
+    import logging  # noqa: PLC0415 - only the relay configures logging itself (kopf does for run)
+
+    from smtp_oauth_operator.services import relay  # noqa: PLC0415 - aiosmtpd only for this command
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    options = relay.Options(
+        listen=args.listen,
+        port=args.port,
+        tls_port=args.tls_port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_secret=args.tls_secret,
+        hostname=args.hostname,
+        max_size=args.max_message_size,
+        metrics_port=args.metrics_port,
+        namespaces=tuple(args.namespace or ()),
+    )
+    try:
+        docs = load(args.filename) if args.filename else None
+        source = ManifestSource(docs) if docs is not None else None
+        asyncio.run(relay.serve(options, docs, source))
+    except (InputError, relay.RelayInputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
     return 0

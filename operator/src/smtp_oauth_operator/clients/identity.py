@@ -4,6 +4,11 @@ One MSAL ``ConfidentialClientApplication`` is kept per (authority, client, crede
 its in-memory token cache is what lets a thousand SmtpOAuthConfigs sharing one app registration cost
 one token request per token lifetime. Nothing here is ever written to disk or to the API server.
 
+An application holds its client secret, so it lives only as long as a resource uses it: each owner
+(a SmtpOAuthConfig, ``namespace/name``) is bound to the application of its latest token request, and
+an application no owner is bound to any more (the secret was rotated, the resource deleted or
+``release``d) is closed and dropped at once.
+
 MSAL's HTTP is synchronous (requests), so every call runs in a thread of a bounded pool of its own: a
 black-holed identity provider holds those threads only, never the ones the Kubernetes client uses. We hand MSAL our own
 ``requests.Session`` with ``trust_env=False``: otherwise the ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``
@@ -29,7 +34,7 @@ import ssl
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -270,6 +275,15 @@ class TokenProvider:
         self._apps: OrderedDict[tuple[str, ...], _App] = OrderedDict()
         self._max_apps = max_apps
         self._on_request = on_request or (lambda _result: None)
+        self._bound: dict[Hashable, tuple[str, ...]] = {}  # owner -> key of its latest request
+        self._owners: dict[tuple[str, ...], set[Hashable]] = {}  # key -> owners bound to it
+
+    def __len__(self) -> int:
+        return len(self._apps)
+
+    def __contains__(self, request: object) -> bool:
+        """Whether an application (holding ``request``'s credential) is kept."""
+        return isinstance(request, TokenRequest) and request.cache_key() in self._apps
 
     def _app(self, request: TokenRequest) -> _App:
         key = request.cache_key()
@@ -293,12 +307,53 @@ class TokenProvider:
         if app is not None:
             app.close()
 
-    def forget_unused(self, keep: set[tuple[str, ...]]) -> None:
-        for key in [k for k in self._apps if k not in keep]:
-            self._apps.pop(key).close()
+    def release(self, owner: Hashable) -> None:
+        """``owner`` is gone (or paused): drop the application it used unless another owner uses it."""
+        key = self._bound.pop(owner, None)
+        if key is not None:
+            self._unbind(owner, key)
 
-    async def acquire(self, request: TokenRequest) -> AccessToken:
+    def retain(self, owners: Iterable[Hashable]) -> None:
+        """Release every owner not in ``owners`` (after a re-list: the complete set of resources)."""
+        keep = set(owners)
+        for owner in [o for o in self._bound if o not in keep]:
+            self.release(owner)
+
+    def clear(self) -> None:
+        """Drop every application and token (the operator is paused or stopping)."""
+        for app in self._apps.values():
+            app.close()
+        self._apps.clear()
+        self._bound.clear()
+        self._owners.clear()
+
+    def _bind(self, owner: Hashable, key: tuple[str, ...]) -> None:
+        old = self._bound.get(owner)
+        if old == key:
+            return
+        self._bound[owner] = key
+        self._owners.setdefault(key, set()).add(owner)
+        if old is not None:
+            self._unbind(owner, old)
+
+    def _unbind(self, owner: Hashable, key: tuple[str, ...]) -> None:
+        owners = self._owners.get(key)
+        if owners is not None:
+            owners.discard(owner)
+            if owners:
+                return
+            del self._owners[key]
+        # No resource uses this credential any more: the application and the secret it holds go now,
+        # not when 512 newer ones have pushed it out.
+        app = self._apps.pop(key, None)
+        if app is not None:
+            app.close()
+
+    async def acquire(self, request: TokenRequest, *, owner: Hashable | None = None) -> AccessToken:
+        """A token for ``request``; ``owner`` (the resource asking) binds it to this credential."""
         app = self._app(request)
+        if owner is not None:
+            self._bind(owner, request.cache_key())
         # One request in flight per application: concurrent tests of resources that share an app
         # registration wait here and then find the token in the cache.
         await app.lock.acquire()

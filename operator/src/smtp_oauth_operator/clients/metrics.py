@@ -11,7 +11,7 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "RelayMetrics"]
 
 
 class Metrics:
@@ -75,3 +75,43 @@ class Metrics:
                     if key not in series:
                         series.append(key)
         return series
+
+
+class RelayMetrics:
+    """The relay's series (a separate process from the operator, so a registry of its own by default).
+
+    ``result`` is one of: sent, deferred (Exchange answered 4xx), rejected (5xx), rate_limited,
+    sender_refused, token_failed, error. Labels carry names only, never an address or a reply.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.messages = Counter(
+            "smtpoauth_relay_messages_total",
+            "Messages the relay handled, by configuration and result.",
+            ["namespace", "name", "result"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "smtpoauth_relay_duration_seconds",
+            "Time from the client's end of DATA to the relay's answer (token + Exchange submission).",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "smtpoauth_relay_auth_failures_total",
+            "Failed relay logins, by reason (invalid: wrong or unknown login; not_ready).",
+            ["reason"],
+            registry=r,
+        )
+
+    def serve(self, port: int, address: str = "0.0.0.0") -> None:  # noqa: S104 - a Pod's metrics port
+        if port:
+            start_http_server(port, addr=address, registry=self.registry)
+
+    def message(self, namespace: str, name: str, result: str) -> None:
+        self.messages.labels(namespace=namespace, name=name, result=result).inc()
+
+    def auth_failure(self, reason: str) -> None:
+        self.auth_failures.labels(reason=reason).inc()

@@ -32,7 +32,18 @@ from python_socks._protocols.errors import ReplyError
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
 from smtp_oauth_operator.domain.redact import proxy_address, proxy_secrets, quote_reply
 
-__all__ = ["Message", "SmtpResult", "SmtpTarget", "authenticate", "tls_context"]
+__all__ = [
+    "Message",
+    "SmtpResult",
+    "SmtpTarget",
+    "StaleSession",
+    "SubmitFailed",
+    "Upstream",
+    "authenticate",
+    "open_upstream",
+    "send_on",
+    "tls_context",
+]
 
 _M = ConditionType.SMTP_AUTHENTICATED
 _MAX_PROXY_REPLY = 16384
@@ -365,3 +376,143 @@ async def _send(smtp: aiosmtplib.SMTP, message: Message, where: str, secrets: tu
             Reason.SEND_REJECTED, f"{where} refused the test message: {_reply(exc, secrets)}"
         ) from None
     return quote_reply(answer, secrets)
+
+
+# -- the relay's upstream submission -------------------------------------------------------------------
+
+
+class SubmitFailed(Exception):
+    """A relayed message was not accepted upstream. ``code``/``text`` are what to tell the relay's
+    client (token-free); ``auth_rejected`` marks a ``535`` to AUTH XOAUTH2 (a fresh token may help)."""
+
+    def __init__(self, code: int, text: str, *, auth_rejected: bool = False) -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+        self.auth_rejected = auth_rejected
+
+
+@dataclass(slots=True)
+class Upstream:
+    """An authenticated session with the server, reusable for several messages."""
+
+    smtp: aiosmtplib.SMTP
+    secrets: tuple[str, ...] = field(repr=False)
+    where: str
+    opened: float
+    messages: int = 0
+
+    async def close(self) -> None:
+        await _hang_up(self.smtp)
+
+
+async def open_upstream(target: SmtpTarget, username: str, token: str, *, now: float) -> Upstream:
+    """Connect, STARTTLS (or implicit TLS) and AUTH XOAUTH2; raises :class:`SubmitFailed`.
+
+    Connection and TLS failures are temporary (``451 4.4.x``/``4.7.0``); a ``535`` to AUTH is
+    ``auth_rejected`` (a fresh token may help).
+    """
+    auth_blob = base64.b64encode(f"user={username}\x01auth=Bearer {token}\x01\x01".encode()).decode()
+    secrets = (token, auth_blob, *proxy_secrets(target.proxy_url))
+    where = target.describe()
+    context = tls_context(target.ca_pem)
+    sock = None
+    if target.proxy_url:
+        try:
+            sock = await _tunnel(target)
+        except CheckFailed as exc:
+            raise SubmitFailed(451, f"4.4.1 {exc.message}") from None
+    smtp = aiosmtplib.SMTP(
+        hostname=target.host,
+        port=None if sock else target.port,
+        use_tls=target.implicit_tls,
+        start_tls=False,
+        tls_context=context,
+        timeout=target.timeout,
+        sock=sock,
+    )
+    try:
+        try:
+            await smtp.connect()
+            await smtp.ehlo()
+            if not target.implicit_tls:
+                if not smtp.supports_extension("starttls"):
+                    raise SubmitFailed(451, f"4.7.0 {where} does not offer STARTTLS")
+                await smtp.starttls(tls_context=context)
+                await smtp.ehlo()
+        except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            detail = quote_reply(str(exc), secrets)[:200] or type(exc).__name__
+            raise SubmitFailed(451, f"4.4.1 Cannot reach Exchange Online at {where} ({detail})") from None
+        try:
+            await smtp.auth_xoauth2(username, token)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise SubmitFailed(
+                451,
+                f"4.7.0 Exchange Online refused the relay's token: {_reply(exc, secrets)}",
+                auth_rejected=exc.code == 535,
+            ) from None
+    except SubmitFailed:
+        await _hang_up(smtp)
+        raise
+    except BaseException as exc:
+        await _hang_up(smtp)
+        if isinstance(exc, Exception):
+            raise _submit_failure(exc, secrets, where) from None
+        raise
+    return Upstream(smtp=smtp, secrets=secrets, where=where, opened=now)
+
+
+class StaleSession(SubmitFailed):
+    """A reused session was gone before anything of the message was sent: safe to retry at once."""
+
+
+async def send_on(
+    upstream: Upstream, *, sender: str, recipients: tuple[str, ...], data: bytes
+) -> tuple[int, str]:
+    """MAIL, RCPT, DATA on an open session; returns the server's (code, text) for DATA.
+
+    All or nothing: a refused recipient refuses the whole message (``SubmitFailed`` with that reply,
+    temporary if any refusal is) after an RSET, so the relay never reports a message as accepted when
+    part of it was dropped. Raises :class:`StaleSession` when the session died before MAIL was
+    answered (nothing of the message reached the server)."""
+    smtp, secrets = upstream.smtp, upstream.secrets
+    upstream.messages += 1
+    try:
+        try:
+            await smtp.mail(sender)
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+            raise StaleSession(451, f"4.4.2 {quote_reply(str(exc), secrets)[:120]}") from None
+        refused: list[tuple[int, str]] = []
+        for rcpt in recipients:
+            try:
+                await smtp.rcpt(rcpt)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                refused.append((exc.code, quote_reply(exc.message, secrets)))
+        if refused:
+            with contextlib.suppress(aiosmtplib.SMTPException):
+                await smtp.rset()
+            temporary = [r for r in refused if 400 <= r[0] < 500]
+            code, text = (temporary or refused)[0]
+            raise SubmitFailed(code, text)
+        answer = await smtp.data(data)
+        return answer.code, quote_reply(answer.message, secrets)
+    except SubmitFailed:
+        raise
+    except Exception as exc:
+        if isinstance(exc, aiosmtplib.SMTPResponseException) and 400 <= exc.code < 600:
+            # A refused MAIL or DATA: the session itself stays usable after RSET.
+            with contextlib.suppress(aiosmtplib.SMTPException):
+                await smtp.rset()
+        raise _submit_failure(exc, secrets, upstream.where) from None
+
+
+def _submit_failure(exc: Exception, secrets: tuple[str, ...], where: str) -> SubmitFailed:
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        code = exc.code if 400 <= exc.code < 600 else 451
+        return SubmitFailed(code, quote_reply(exc.message, secrets) or "4.3.0 no reply text")
+    if isinstance(exc, (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError)):
+        detail = quote_reply(str(exc), secrets)[:200] or type(exc).__name__
+        if isinstance(exc, ssl.SSLError):
+            return SubmitFailed(451, f"4.7.0 TLS with {where} failed ({exc.reason or 'handshake'})")
+        return SubmitFailed(451, f"4.4.2 Exchange Online dropped the session at {where} ({detail})")
+    return SubmitFailed(451, f"4.3.0 {quote_reply(str(exc), secrets)[:200] or type(exc).__name__}")

@@ -29,6 +29,7 @@ __all__ = [
     "Cloud",
     "CredentialKind",
     "KeyRef",
+    "RelaySpec",
     "SmtpOAuthSpec",
     "SpecError",
     "WorkloadIdentity",
@@ -146,6 +147,19 @@ class WorkloadIdentity:
 
 
 @dataclass(frozen=True, slots=True)
+class RelaySpec:
+    """``spec.relay``: who may log in to the relay for this configuration and what they may send."""
+
+    credentials_secret: str
+    allowed_senders: tuple[str, ...]
+    messages_per_minute: int = 30
+    recipients_per_day: int = 10_000
+
+    def allows(self, address: str) -> bool:
+        return address.lower() in {a.lower() for a in self.allowed_senders}
+
+
+@dataclass(frozen=True, slots=True)
 class SmtpOAuthSpec:
     username: str
     smtp_host: str
@@ -206,6 +220,8 @@ class SmtpOAuthSpec:
             if ref is not None:
                 refs.add((ref.kind, ref.name))
         return refs
+
+    relay: RelaySpec | None = None  # None: not relayed (unset, or enabled false)
 
     @property
     def authority(self) -> str:
@@ -463,6 +479,7 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
         raise SpecError("alarms.notify.to", "must have at most 20 items")
 
     policy = r.enum("secretPolicy", "Warn", ("Warn", "Require", "Ignore"))
+    relay = _relay(r.sub("relay"), username)
 
     return SmtpOAuthSpec(
         username=username,
@@ -493,6 +510,31 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
         discover_graph=discover_graph,
         graph_host=graph_host.rstrip("/"),
         renewal=renewal,
+        relay=relay,
+    )
+
+
+def _relay(r: _Reader, username: str) -> RelaySpec | None:
+    enabled = r.data.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise SpecError("relay.enabled", "must be true or false")
+    if not enabled:
+        return None
+    if not r.has("credentialsSecretRef"):
+        raise SpecError("relay.credentialsSecretRef", "is required when the relay is enabled")
+    secret = r.sub("credentialsSecretRef").text("name")
+    senders_raw = r.data.get("allowedSenders", [username])
+    if not isinstance(senders_raw, list) or not all(
+        isinstance(a, str) and _EMAIL.match(a) for a in senders_raw
+    ):
+        raise SpecError("relay.allowedSenders", "must be a list of mail addresses")
+    if not 1 <= len(senders_raw) <= 20:
+        raise SpecError("relay.allowedSenders", "must have 1 to 20 items")
+    return RelaySpec(
+        credentials_secret=secret,
+        allowed_senders=tuple(dict.fromkeys(senders_raw)),
+        messages_per_minute=r.int("messagesPerMinute", 30, 1, 10_000),
+        recipients_per_day=r.int("recipientsPerDay", 10_000, 1, 1_000_000),
     )
 
 

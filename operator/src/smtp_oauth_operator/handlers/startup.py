@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import Iterator
@@ -12,8 +14,11 @@ import kopf
 from smtp_oauth_operator.clients.identity import TokenProvider
 from smtp_oauth_operator.clients.kube import Kube
 from smtp_oauth_operator.clients.metrics import Metrics
+from smtp_oauth_operator.clients.watching import ApiConnection
 from smtp_oauth_operator.config import Settings
 from smtp_oauth_operator.domain.spec import GROUP
+from smtp_oauth_operator.handlers import peering
+from smtp_oauth_operator.services.feed import Feed
 from smtp_oauth_operator.services.reconciler import Reconciler
 
 __all__ = ["on_cleanup", "on_startup"]
@@ -70,15 +75,35 @@ async def on_startup(
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
     config = Settings.from_env()
+    if not settings.peering.clusterwide and not config.namespaces:
+        raise kopf.PermanentError(
+            "namespaced mode needs SMTPOAUTH_NAMESPACES (set by `smtp-oauth-operator run -n`)"
+        )
+    paused = None
+    if not settings.peering.standalone:
+        try:
+            paused = peering.find_operator_paused()
+        except peering.PeeringUnavailable as exc:
+            # Better no operator than a standby that tests next to the active one.
+            raise kopf.PermanentError(str(exc)) from None
     metrics = Metrics()
     metrics.serve(config.metrics_port, config.metrics_address)
     kube = Kube.from_environment()
     tokens = TokenProvider(on_request=metrics.token_request)
     reconciler = Reconciler(kube, tokens, metrics, workers=config.workers)
     reconciler.start()
+    api = ApiConnection(kube.api_client.configuration)
+    feed = Feed(api, reconciler, tokens, None if settings.peering.clusterwide else config.namespaces)
     memo.kube = kube
+    memo.tokens = tokens
+    memo.api = api
     memo.metrics = metrics
     memo.reconciler = reconciler
+    memo.feed = feed
+    if paused is None:
+        feed.start()
+    else:
+        memo.peering = asyncio.create_task(peering.follow(paused, feed.pause, feed.resume), name="peering")
     logger.info(
         "smtp-oauth-operator started: %d workers, metrics port %s",
         config.workers,
@@ -88,12 +113,26 @@ async def on_startup(
 
 @kopf.on.cleanup()
 async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
+    follower: asyncio.Task[None] | None = getattr(memo, "peering", None)
+    if follower is not None:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+    feed: Feed | None = getattr(memo, "feed", None)
+    if feed is not None:
+        await feed.stop()
     reconciler: Reconciler | None = getattr(memo, "reconciler", None)
     if reconciler is not None:
         await reconciler.stop()
+    api: ApiConnection | None = getattr(memo, "api", None)
+    if api is not None:
+        await api.close()
     kube: Kube | None = getattr(memo, "kube", None)
     if kube is not None:
         kube.close()
+    tokens: TokenProvider | None = getattr(memo, "tokens", None)
+    if tokens is not None:
+        tokens.close()  # the MSAL threads: a request stuck on a black-holed provider must not hold the exit
 
 
 @kopf.on.probe(id="reconciler")
@@ -104,6 +143,10 @@ async def reconciler_alive(memo: kopf.Memo, **_: Any) -> str:
     if reconciler is None:
         raise kopf.PermanentError("the reconciler has not started")
     problem = reconciler.health()
+    follower: asyncio.Task[None] | None = getattr(memo, "peering", None)
+    if problem is None and follower is not None and follower.done():
+        # Without it this replica can no longer tell whether it may work: let the kubelet restart it.
+        problem = "the task following kopf's peering (pause/resume) stopped"
     if problem is not None:
         raise kopf.PermanentError(problem)
     return "ok"

@@ -379,11 +379,13 @@ def smtp_target(spec: SmtpOAuthSpec, inputs: Inputs) -> SmtpTarget:
 DEADLINE_FACTOR = 2.0
 
 
-async def _token(tokens: TokenProvider, request: TokenRequest, deadline: float | None = None) -> str:
+async def _token(
+    tokens: TokenProvider, request: TokenRequest, deadline: float | None = None, *, owner: str | None = None
+) -> str:
     limit = deadline if deadline is not None else request.timeout * DEADLINE_FACTOR
     try:
         async with asyncio.timeout(limit):
-            token = await tokens.acquire(request)
+            token = await tokens.acquire(request, owner=owner)
     except TimeoutError:
         raise CheckFailed(
             Reason.IDENTITY_PROVIDER_UNREACHABLE,
@@ -439,7 +441,7 @@ async def run(
     failure: CheckFailed | None = None
     sent = False
     try:
-        token = await _token(tokens, request, deadline)
+        token = await _token(tokens, request, deadline, owner=where)
         try:
             result = await _session(target, spec.username, token, message, deadline)
             sent = result.sent is not None

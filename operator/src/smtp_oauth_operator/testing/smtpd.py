@@ -227,6 +227,12 @@ class _ExchangeHandler:
     async def handle_DATA(self, server: _ExchangeSMTP, session: Session, envelope: Envelope) -> str:
         login: Any = session.auth_data
         assert isinstance(login, _Login)  # MAIL is refused before a successful AUTH
+        if self.owner.data_delay:
+            # A slow mailbox server: the window in which a relay killed mid-submission is tested.
+            await asyncio.sleep(self.owner.data_delay)
+        fault = self.owner.take_data_fault()
+        if fault is not None:
+            return fault
         raw = envelope.original_content or b""
         parsed = BytesParser(policy=email.policy.default).parsebytes(raw)
         assert isinstance(parsed, EmailMessage)
@@ -418,6 +424,9 @@ class FakeExchange:
         self._mailbox_auth: dict[str, bool] = {}
         self._messages: list[ReceivedMessage] = []
         self._attempts: list[AuthAttempt] = []
+        self._data_faults: list[str] = []
+        self.data_delay = 0.0  # seconds before answering each end-of-DATA
+        self._data_faults_answered = 0
         self._connections = 0
         self._open: set[_ExchangeSMTP] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -657,6 +666,41 @@ class FakeExchange:
                     raise TimeoutError(f"{len(self._messages)} of {count} messages arrived")
                 self._changed.wait(remaining)
             return list(self._messages)
+
+    def drop_sessions(self) -> None:
+        """Abort every open session, as Exchange does with idle ones (clients must reconnect)."""
+        loop = self._loop
+        if loop is None:
+            return
+
+        async def drop() -> None:
+            with self._lock:
+                sessions = list(self._open)
+            for session in sessions:
+                session.abort()
+
+        asyncio.run_coroutine_threadsafe(drop(), loop).result(timeout=10)
+
+    def defer_data(self, count: int = 1, reply: str | None = None) -> None:
+        """Answer the next ``count`` end-of-DATA with a refusal (default a temporary ``451 4.3.2``, as
+        Exchange does when a mailbox server is busy); the message is then not stored."""
+        text = reply or (
+            f"451 4.3.2 Temporary server error. Please try again later ATTR1 [{self.diagnostic_host}]"
+        )
+        with self._lock:
+            self._data_faults.extend([text] * count)
+
+    def take_data_fault(self) -> str | None:
+        with self._lock:
+            if not self._data_faults:
+                return None
+            self._data_faults_answered += 1
+            return self._data_faults.pop(0)
+
+    @property
+    def data_faults_answered(self) -> int:
+        with self._lock:
+            return self._data_faults_answered
 
     def clear(self) -> None:
         """Forget received messages and AUTH attempts (not grants or settings)."""
