@@ -17,6 +17,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from e2e.controlplane import ControlPlane, ensure_tools
@@ -102,6 +103,18 @@ def wait_ready(cp: ControlPlane, name: str, status: str, timeout: float = 60) ->
             return ready
         time.sleep(0.5)
     raise SystemExit(f"demo: {name} did not become Ready={status} within {timeout:.0f} s (last: {ready})")
+
+
+def wait_condition(cp: ControlPlane, name: str, ctype: str, status: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    found: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        obj = json.loads(cp.kubectl("-n", "mail", "get", "smtpoauth", name, "-o", "json").stdout)
+        found = next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == ctype), {})
+        if found.get("status") == status:
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"demo: {name} {ctype} did not become {status} within {timeout:.0f} s (last: {found})")
 
 
 def relay_demo(cp: ControlPlane, dev: DevServers, tmp: Path) -> None:
@@ -250,6 +263,21 @@ def main() -> int:
                 print(f"  alerts-broken Ready after {time.monotonic() - started:.1f} s")
                 show(cp, "-n", "mail", "get", "smtpoauthconfigs")
 
+                banner("Expiry from Microsoft Graph: the typed date next to the discovered one")
+                graph_end = datetime.now(UTC).replace(microsecond=0) + timedelta(days=45)
+                dev.idp.set_secret_end(dev.endpoints.tenant_id, dev.endpoints.client_id, SECRET, graph_end)
+                print(f"  the app registration's secret really ends {graph_end:%Y-%m-%d %H:%M} UTC (Graph)")
+                discovery = {"graph": True, "graphHost": dev.endpoints.graph_host}
+                patch = json.dumps({"spec": {"identity": {"discovery": discovery}}})
+                cp.kubectl("-n", "mail", "patch", "smtpoauth", "alerts", "--type=merge", "-p", patch)
+                wait_condition(cp, "alerts", "ExpiryDiscovered", "True")
+                show(cp, "-n", "mail", "get", "smtpoauth", "alerts", "-o",
+                     "jsonpath=typed   {.spec.identity.clientSecret.expiresAt}{'\\n'}"
+                     "in use  {.status.clientSecretExpiresAt} (source {.status.expirySource}){'\\n'}"
+                     "{range .status.appCredentials[*]}credential {.keyId} hint={.hint} ends {.endDateTime} "
+                     "inUse={.inUse}{'\\n'}{end}")  # fmt: skip
+                show(cp, "events", "-n", "mail", "--for", "smtpoauthconfig/alerts")
+
                 banner("Secretless: workload identity federation (a ServiceAccount, no Secret)")
                 issuer = f"https://127.0.0.1:{cp.apiserver_port}/"
                 # Entra ID fetches the cluster issuer's discovery document and keys, as clusters allow.
@@ -282,7 +310,9 @@ def main() -> int:
                     operator.kill()
                     operator.wait()
             log_text = log_path.read_text()
-            leaked = SECRET in log_text or any(t in log_text for t in dev.idp.received_assertions)
+            leaked = SECRET in log_text or any(
+                t in log_text for t in [*dev.idp.received_assertions, *dev.idp.issued_tokens]
+            )
             banner("Tear down")
             print(
                 f"  operator log: {log_path.stat().st_size} bytes, client secret or ServiceAccount token "

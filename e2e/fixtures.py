@@ -140,6 +140,7 @@ class Dev:
         self.servers = servers
         self.idp = servers.idp
         self.exchange = servers.exchange
+        self.graph = servers.graph
         self.endpoints = servers.endpoints
         self.ca_pem = servers.ca_file.read_text()
         self.tenant_id = servers.tenant_id

@@ -606,6 +606,12 @@ def test_everything_on_renders_objects_accepted_by_the_api_server(plane: Plane) 
     # Workload identity federation's TokenRequest can be turned off.
     without = plane.template("smtp", "chart-all", "--set", "rbac.serviceAccountTokens=false")
     assert [r for r in _by_kind(without, "ClusterRole") if TOKEN_REQUEST_RULE in _rules(r)] == []
+    # Writing Secrets (client-secret renewal) is off unless asked for.
+    assert not [r for r in _by_kind(docs, "ClusterRole") if ("", "secrets", "create") in _rules(r)]
+    renewing = plane.template("smtp", "chart-all", "--set", "rbac.renewSecrets=true")
+    (granted,) = [r for r in _by_kind(renewing, "ClusterRole") if ("", "secrets", "create") in _rules(r)]
+    assert ("", "secrets", "patch") in _rules(granted)
+    assert ("", "secrets", "delete") not in _rules(granted)
 
     (rule,) = _by_kind(docs, "PrometheusRule")
     alerts = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}

@@ -28,6 +28,14 @@ EVENTS = {
     "ClientCertificateRotated": "Normal",
     "AlarmNotificationFailed": "Warning",
     "SecretNotProtected": "Warning",
+    "ExpiryMismatch": "Warning",
+    "ExpiryDiscoveryFailed": "Warning",
+    "RenewalStarted": "Normal",
+    "RenewalCredentialAdded": "Normal",
+    "RenewalSwitched": "Normal",
+    "RenewalOldCredentialRemoved": "Normal",
+    "RenewalOrphanRemoved": "Warning",
+    "RenewalFailed": "Warning",
 }
 
 

@@ -19,6 +19,7 @@ BENIGN = {
     "Protected",
     "PolicyIgnored",
     "ExpiryUnknown",
+    "Discovered",
 }
 
 

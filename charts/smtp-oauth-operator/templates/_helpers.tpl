@@ -92,6 +92,13 @@ app.kubernetes.io/part-of: smtp-oauth-operator
   resources: ["serviceaccounts/token"]
   verbs: ["create"]
 {{- end }}
+{{- if .Values.rbac.renewSecrets }}
+# Client-secret renewal (spec.identity.clientSecret.renewal): create and patch the Secret the operator
+# owns ({name}-renewed). Never delete; the Secret goes with its SmtpOAuthConfig (ownerReference).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create", "patch"]
+{{- end }}
 {{- end }}
 
 {{/* The relay's own labels: its Pods must not match the operator's selector (Service, PDB, NetworkPolicy). */}}

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from smtp_oauth_operator.clients.identity import TokenProvider
+from smtp_oauth_operator.domain.discovery import describe
 from smtp_oauth_operator.domain.objects import SourceObject
 from smtp_oauth_operator.domain.reasons import CheckFailed, Reason
 from smtp_oauth_operator.domain.spec import GROUP, KIND
@@ -221,6 +222,16 @@ async def check(docs: Sequence[Mapping[str, Any]], token_file: str | None = None
                 "smtpEndpoint": result.decision.status.get("smtpEndpoint"),
                 "durationSeconds": result.decision.status.get("lastTestDurationSeconds"),
                 "clientCertificate": result.decision.status.get("clientCertificate"),
+                **(
+                    {"appCredentials": result.decision.status["appCredentials"]}
+                    if "appCredentials" in result.decision.status
+                    else {}
+                ),
+                **(
+                    {"expiresAt": result.decision.status["clientSecretExpiresAt"]}
+                    if "clientSecretExpiresAt" in result.decision.status
+                    else {}
+                ),
             }
         )
     return results
@@ -240,6 +251,10 @@ def _print_text(results: Sequence[Mapping[str, Any]]) -> None:
         if r.get("clientCertificate"):
             cert = r["clientCertificate"]
             print(f"  certificate:    SHA-256 {cert['thumbprintSHA256']}, expires {cert['notAfter']}")
+        if r.get("appCredentials"):
+            print("  app credentials in Microsoft Graph (* in use):")
+            for line in describe(r["appCredentials"]).splitlines():
+                print(f"    {line}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -176,6 +176,41 @@ class Kube:
 
         return fetch
 
+    async def write_secret(
+        self,
+        namespace: str,
+        name: str,
+        data: Mapping[str, str],
+        *,
+        labels: Mapping[str, str],
+        annotations: Mapping[str, str],
+        owner: Mapping[str, Any],
+    ) -> None:
+        """Create or update a Secret the operator owns (renewal). The values never leave this call but
+        in the API request body."""
+        meta = {
+            "name": name,
+            "namespace": namespace,
+            "labels": dict(labels),
+            "annotations": dict(annotations),
+            "ownerReferences": [dict(owner)],
+        }
+        encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+        patched = await self._call(
+            f"patch Secret {namespace}/{name}",
+            self.core.patch_namespaced_secret,
+            name,
+            namespace,
+            {"metadata": meta, "data": encoded},
+        )
+        if patched is None:
+            await self._call(
+                f"create Secret {namespace}/{name}",
+                self.core.create_namespaced_secret,
+                namespace,
+                {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": meta, "data": encoded},
+            )
+
     async def patch_status(
         self, namespace: str, name: str, status: Mapping[str, Any]
     ) -> dict[str, Any] | None:

@@ -30,6 +30,7 @@ class ConditionType(enum.StrEnum):
     SMTP_AUTHENTICATED = "SmtpAuthenticated"
     CREDENTIAL_EXPIRING = "CredentialExpiring"
     SECRET_PROTECTED = "SecretProtected"
+    EXPIRY_DISCOVERED = "ExpiryDiscovered"
 
 
 class Reason(enum.StrEnum):
@@ -88,6 +89,14 @@ class Reason(enum.StrEnum):
     NOT_EXCLUDED_FROM_BACKUP = "NotExcludedFromBackup"
     POLICY_IGNORED = "PolicyIgnored"
     SECRET_NOT_PROTECTED = "SecretNotProtected"
+    # expiry discovery from Microsoft Graph (domain/discovery.py, clients/graph.py)
+    DISCOVERED = "Discovered"
+    CREDENTIAL_NOT_LISTED = "CredentialNotListed"
+    CREDENTIAL_AMBIGUOUS = "CredentialAmbiguous"
+    GRAPH_ACCESS_DENIED = "GraphAccessDenied"
+    GRAPH_APPLICATION_NOT_FOUND = "GraphApplicationNotFound"
+    GRAPH_THROTTLED = "GraphThrottled"
+    GRAPH_UNAVAILABLE = "GraphUnavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +113,7 @@ _T = ConditionType.TOKEN_ACQUIRED
 _M = ConditionType.SMTP_AUTHENTICATED
 _E = ConditionType.CREDENTIAL_EXPIRING
 _P = ConditionType.SECRET_PROTECTED
+_D = ConditionType.EXPIRY_DISCOVERED
 
 _INFO: dict[Reason, ReasonInfo] = {
     Reason.CONNECTION_TESTED: ReasonInfo(
@@ -310,6 +320,40 @@ _INFO: dict[Reason, ReasonInfo] = {
         ConditionType.SECRET_PROTECTED,
         transient=False,
         remedy="Unseal the Secret from a SealedSecret labelled velero.io/exclude-from-backup=true.",
+    ),
+    Reason.DISCOVERED: ReasonInfo(_D, transient=False, remedy="Nothing to do: Graph's expiry is used."),
+    Reason.CREDENTIAL_NOT_LISTED: ReasonInfo(
+        _D,
+        transient=False,
+        remedy="The credential in the Secret is not among the app's credentials in Graph: check "
+        "spec.identity.clientId, or set expiresAt by hand.",
+    ),
+    Reason.CREDENTIAL_AMBIGUOUS: ReasonInfo(
+        _D,
+        transient=False,
+        remedy="Several client secrets of the app start with the same three characters: remove the "
+        "unused ones (the earliest expiry is used meanwhile).",
+    ),
+    Reason.GRAPH_ACCESS_DENIED: ReasonInfo(
+        _D,
+        transient=False,
+        remedy="Grant the app the Microsoft Graph application permission Application.Read.All with admin "
+        "consent (docs/credentials.md), or turn spec.identity.discovery.graph off.",
+    ),
+    Reason.GRAPH_APPLICATION_NOT_FOUND: ReasonInfo(
+        _D,
+        transient=False,
+        remedy="Check spec.identity.clientId and the cloud: Graph has no application with that appId in "
+        "the tenant.",
+    ),
+    Reason.GRAPH_THROTTLED: ReasonInfo(
+        _D, transient=True, remedy="Wait: the operator reads Graph again after the delay Graph asked for."
+    ),
+    Reason.GRAPH_UNAVAILABLE: ReasonInfo(
+        _D,
+        transient=True,
+        remedy="Check that spec.identity.discovery.graphHost (or the cloud's Graph host) is reachable "
+        "through the proxy and trusted; the operator retries.",
     ),
 }
 

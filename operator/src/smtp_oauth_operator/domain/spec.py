@@ -56,6 +56,12 @@ class Cloud:
     smtp_host: str
     # The audience Entra ID expects in a federated (workload identity) assertion in this cloud.
     federation_audience: str = "api://AzureADTokenExchange"
+    # Microsoft Graph's host, which is also its token resource (scope = graph_host + "/.default").
+    graph_host: str = "https://graph.microsoft.com"
+
+    @property
+    def graph_scope(self) -> str:
+        return f"{self.graph_host}/.default"
 
 
 # Sovereign-cloud endpoints are community-sourced (protocol-facts.md §7): every one can be overridden.
@@ -70,12 +76,14 @@ CLOUDS: dict[str, Cloud] = {
         "https://outlook.office365.us/.default",
         "smtp.office365.us",
         "api://AzureADTokenExchangeUSGov",
+        "https://graph.microsoft.us",
     ),
     "AzureChina": Cloud(
         "https://login.partner.microsoftonline.cn",
         "https://partner.outlook.cn/.default",
         "smtp.partner.outlook.cn",
         "api://AzureADTokenExchangeChina",
+        "https://microsoftgraph.chinacloudapi.cn",
     ),
 }
 
@@ -110,6 +118,16 @@ class ClientCertificate:
 
     secret_name: str
     send_certificate_chain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """spec.identity.clientSecret.renewal: add a new secret this long before expiry, valid this long, and
+    remove the old one this long after the switch."""
+
+    renew_before: timedelta
+    validity: timedelta
+    grace_period: timedelta
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +186,14 @@ class SmtpOAuthSpec:
     secret_policy: Literal["Warn", "Require", "Ignore"] = "Warn"
     client_certificate: ClientCertificate | None = None
     workload_identity: WorkloadIdentity | None = None
+    discover_graph: bool = False  # spec.identity.discovery.graph
+    renewal: Renewal | None = None  # spec.identity.clientSecret.renewal
+    graph_host: str = "https://graph.microsoft.com"  # where Graph is reached (overridable for tests)
+
+    @property
+    def graph_scope(self) -> str:
+        """Graph's token scope: the cloud's Graph resource, whatever host serves it."""
+        return CLOUDS[self.cloud].graph_scope
 
     @property
     def credential_kind(self) -> CredentialKind:
@@ -226,6 +252,18 @@ def recheck_token(annotations: Mapping[str, Any] | None) -> str | None:
     if len(value) <= 128:
         return value
     return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+
+
+_LONG_DURATION = re.compile(r"^(?:([0-9]{1,4})d)?(?:([0-9]{1,6})h)?(?:([0-9]{1,7})m)?(?:([0-9]{1,8})s)?$")
+
+
+def parse_long_duration(text: str) -> timedelta:
+    """A duration that may start with days (``30d``, ``180d``, ``1d12h``, ``90s``)."""
+    match = _LONG_DURATION.match(text.strip()) if isinstance(text, str) else None
+    if not match or not any(match.groups()):
+        raise ValueError(f"{text!r} is not a duration like 30d, 24h or 1d12h")
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -398,6 +436,13 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
         )
 
     secret_ref, expires_at, expires_at_key, certificate, workload = _parse_credential(ident, cloud)
+    discovery = ident.sub("discovery")
+    discover_graph = discovery.data.get("graph", False)
+    if not isinstance(discover_graph, bool):
+        raise SpecError("identity.discovery.graph", "must be true or false")
+    graph_host = _https_url(discovery.text("graphHost", cloud.graph_host), "identity.discovery.graphHost")
+    secret_r = ident.sub("clientSecret")
+    renewal = _parse_renewal(secret_r.sub("renewal"), discover_graph) if secret_r.has("renewal") else None
 
     proxy_url = r.sub("proxy").opt_text("url")
     if proxy_url is not None:
@@ -462,6 +507,9 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
         secret_policy=policy,  # type: ignore[arg-type]  # enum() checked it
         client_certificate=certificate,
         workload_identity=workload,
+        discover_graph=discover_graph,
+        graph_host=graph_host.rstrip("/"),
+        renewal=renewal,
         relay=relay,
     )
 
@@ -488,6 +536,23 @@ def _relay(r: _Reader, username: str) -> RelaySpec | None:
         messages_per_minute=r.int("messagesPerMinute", 30, 1, 10_000),
         recipients_per_day=r.int("recipientsPerDay", 10_000, 1, 1_000_000),
     )
+
+
+def _parse_renewal(r: _Reader, discover_graph: bool) -> Renewal | None:
+    path = "identity.clientSecret.renewal"
+    if not discover_graph:
+        raise SpecError(path, "needs identity.discovery.graph: true (renewal starts from Graph's expiry)")
+    values = {}
+    for key, default in (("renewBefore", "30d"), ("validity", "180d"), ("gracePeriod", "24h")):
+        try:
+            values[key] = parse_long_duration(r.text(key, default))
+        except ValueError as exc:
+            raise SpecError(f"{path}.{key}", str(exc)) from None
+    if not timedelta(minutes=1) <= values["validity"] <= timedelta(days=730):
+        raise SpecError(f"{path}.validity", "must be between 1m and 730d (Entra ID's longest secret)")
+    if values["renewBefore"] >= values["validity"]:
+        raise SpecError(f"{path}.renewBefore", "must be shorter than validity")
+    return Renewal(values["renewBefore"], values["validity"], values["gracePeriod"])
 
 
 _CredentialParts = tuple[

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from smtp_oauth_operator.domain.discovery import Discovery, mismatch
 from smtp_oauth_operator.domain.expiry import ExpiryState, days_phrase, format_date
 from smtp_oauth_operator.domain.protection import Protection
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason, info
@@ -81,6 +82,9 @@ class Observation:
     consecutive_failures: int
     credential: str = "ClientSecret"  # spec.credential_kind
     certificate: Mapping[str, str] | None = None  # status.clientCertificate (public facts only)
+    discovery_enabled: bool = False  # spec.identity.discovery.graph
+    discovery: Discovery | None = None  # None: Graph not read this pass (the credential is unresolved)
+    typed_expires_at: datetime | None = None  # expiresAt / expiresAtKey, to compare with Graph's
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +211,10 @@ def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
             "lastAlarm",
             "alarmHistory",
             "clientCertificate",
+            "appCredentials",
+            "expiryMismatch",
+            "expirySource",
+            "renewal",
         }
     }
     events: list[Event] = []
@@ -253,6 +261,14 @@ def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
             status["clientSecretExpiresAt"] = timestamp(expiry.expires_at)
         else:
             status.pop("clientSecretExpiresAt", None)
+    # Graph's expiry against the typed one: a disagreement is said once per pair (remembered in status).
+    discovered = obs.discovery
+    mismatch_record = (
+        mismatch(obs.typed_expires_at, discovered.expires_at)
+        if obs.discovery_enabled and discovered is not None and not cert
+        else None
+    )
+    new_mismatch = mismatch_record is not None and prev.get("expiryMismatch") != mismatch_record
     noun = "certificate" if cert else "client secret"
     renew = (
         "issue a new certificate, upload it to the app registration and update"
@@ -260,13 +276,14 @@ def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
         else "create a new secret in Entra ID and update"
     )
     if expiry.expires_at and prev_expires and expiry.expires_at > prev_expires:
-        message = (
-            f"{noun.capitalize()} of app {obs.client_id} now expires {format_date(expiry.expires_at)} "
-            f"(was {format_date(prev_expires)})."
-        )
-        events.append(Event("Normal", f"{kind}Rotated", message))
         status.pop("lastAlarm", None)
-        _history(status, f"{kind}Rotated", None, now, message)
+        if not new_mismatch:  # Graph correcting a typed date is said by ExpiryMismatch, not as a rotation
+            message = (
+                f"{noun.capitalize()} of app {obs.client_id} now expires {format_date(expiry.expires_at)} "
+                f"(was {format_date(prev_expires)})."
+            )
+            events.append(Event("Normal", f"{kind}Rotated", message))
+            _history(status, f"{kind}Rotated", None, now, message)
 
     if obs.credential == "WorkloadIdentity":
         exp_status, exp_reason = "False", Reason.NOT_EXPIRING
@@ -294,6 +311,9 @@ def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
         exp_message = (
             "Unknown until the certificate can be read from its TLS Secret."
             if cert
+            else "No expiry date: Graph did not identify the secret in use (see ExpiryDiscovered); set "
+            "spec.identity.clientSecret.expiresAt to use a typed date."
+            if obs.discovery_enabled
             else "No expiry date: set spec.identity.clientSecret.expiresAt or expiresAtKey."
         )
 
@@ -364,6 +384,48 @@ def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
         ),
         _condition(prev_conditions, ConditionType.SECRET_PROTECTED, *prot, g, now),
     ]
+    if obs.discovery_enabled:
+        if discovered is None:
+            found = ("Unknown", Reason.NOT_TESTED, "Not read: the credential could not be resolved.")
+        else:
+            found = (discovered.status, discovered.reason, discovered.message)
+            if discovered.credentials is not None:
+                status["appCredentials"] = list(discovered.credentials)
+        conditions.append(_condition(prev_conditions, ConditionType.EXPIRY_DISCOVERED, *found, g, now))
+        if mismatch_record is not None:
+            status["expiryMismatch"] = mismatch_record
+        elif discovered is not None and discovered.expires_at is not None:
+            status.pop("expiryMismatch", None)
+        from_graph = not cert and discovered is not None and discovered.expires_at is not None
+        unread = discovered is None or discovered.credentials is None  # Graph not read: its last date stays
+        if from_graph or (not cert and unread and prev.get("expirySource") == "Graph" and expiry.expires_at):
+            status["expirySource"] = "Graph"
+        elif expiry.expires_at is not None:
+            status["expirySource"] = "Spec"
+        else:
+            status.pop("expirySource", None)
+        if new_mismatch and mismatch_record is not None:
+            events.append(
+                Event(
+                    "Warning",
+                    "ExpiryMismatch",
+                    f"spec.identity.clientSecret.expiresAt says {mismatch_record['specExpiresAt']} but Microsoft "
+                    f"Graph says the secret in use expires {mismatch_record['graphExpiresAt']}: Graph's date is "
+                    "used for CredentialExpiring and the alarms. Correct expiresAt or remove it.",
+                )
+            )
+        old_found = _find(prev_conditions, ConditionType.EXPIRY_DISCOVERED)
+        if found[0] == "False" and (old_found is None or old_found.get("reason") != found[1]):
+            events.append(
+                Event(
+                    "Warning",
+                    "ExpiryDiscoveryFailed",
+                    f"{found[1]}: {found[2]} {info(Reason(found[1])).remedy}",
+                )
+            )
+    else:
+        for key in ("appCredentials", "expiryMismatch", "expirySource"):
+            status.pop(key, None)
     status["conditions"] = conditions
     status["observedGeneration"] = g
     if obs.handled_recheck is not None:

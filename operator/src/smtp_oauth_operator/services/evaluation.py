@@ -14,6 +14,7 @@ from typing import Any
 
 from smtp_oauth_operator.clients.identity import TokenProvider
 from smtp_oauth_operator.domain import expiry as expiry_maths
+from smtp_oauth_operator.domain.discovery import Discovery
 from smtp_oauth_operator.domain.protection import Protection, assess
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
 from smtp_oauth_operator.domain.spec import (
@@ -25,6 +26,8 @@ from smtp_oauth_operator.domain.spec import (
 )
 from smtp_oauth_operator.domain.status import ConnectionTestResult, Decision, Observation, decide
 from smtp_oauth_operator.services.connection import Inputs, ObjectSource, resolve, run
+from smtp_oauth_operator.services.discovery import GraphDiscovery
+from smtp_oauth_operator.services.renewal import Renewer, renewed_spec
 
 __all__ = ["Pass", "backoff", "evaluate"]
 
@@ -41,6 +44,7 @@ class Pass:
     inputs: Inputs | None
     test: ConnectionTestResult | None
     next_due: datetime | None
+    expires_at: datetime | None = None  # the expiry the alarms and the metric use (Graph's, if discovered)
 
 
 def backoff(failures: int, interval: timedelta, retry_after: float | None) -> timedelta:
@@ -127,8 +131,11 @@ async def evaluate(
     *,
     now: datetime,
     force: bool = False,
+    discovery: GraphDiscovery | None = None,
+    renewer: Renewer | None = None,
 ) -> Pass:
-    """Run one pass; ``force`` tests even when the last test is fresh (the CLI).
+    """Run one pass; ``force`` tests even when the last test is fresh (the CLI). ``discovery`` holds the
+    process's Graph reads (a fresh one, reading at once, when not given).
 
     Whatever the body holds, the answer is a decision (InvalidSpec for what cannot be used), never an
     exception: a resource the API server accepted must get a status.
@@ -177,6 +184,9 @@ async def evaluate(
         )
         return Pass(decide(status, observation), None, None, record, None)
 
+    # Once a renewal has switched, the credential is the operator's own Secret (services/renewal.py).
+    renewal_state = status.get("renewal")
+    spec = renewed_spec(spec, renewal_state if isinstance(renewal_state, Mapping) else None)
     secret_name = f"{namespace}/{spec.credential_secret or '-'}"
     inputs: Inputs | None = None
     record = None
@@ -211,9 +221,27 @@ async def evaluate(
         else:
             due_at = now + spec.recheck_interval
 
-    expires_at = inputs.expires_at if inputs else spec.expires_at
+    typed = inputs.expires_at if inputs else spec.expires_at
+    discovered = None
+    if inputs is not None and spec.discover_graph:
+        finder = discovery if discovery is not None else GraphDiscovery()
+        manual = recheck is not None and status.get("handledRecheck") != recheck
+        discovered = await finder.discover(spec, inputs, tokens, now=now, refresh=force or manual)
+    expires_at = _effective_expiry(spec, typed, discovered, status)
     expiry = expiry_maths.evaluate(expires_at, now, spec.warn_before_days)
     protection = assess(secret_name, inputs.secret_metadata, spec.secret_policy) if inputs else None
+    if (
+        inputs is not None
+        and spec.renewal is not None
+        and spec.secret_ref is not None
+        and (inputs.secret_metadata.get("labels") or {}).get("smtpoauth.dev/renewal-of")
+    ):
+        protection = Protection(
+            "True",
+            Reason.PROTECTED,
+            f"Secret {secret_name} holds the renewed secret: written by the operator, never committed, and "
+            "labelled velero.io/exclude-from-backup=true.",
+        )
     if spec.workload_identity is not None:
         protection = Protection(
             "True",
@@ -234,7 +262,37 @@ async def evaluate(
         consecutive_failures=failures,
         credential=spec.credential_kind,
         certificate=inputs.certificate.status() if inputs and inputs.certificate else None,
+        discovery_enabled=spec.discover_graph,
+        discovery=discovered,
+        typed_expires_at=typed if spec.credential_kind == "ClientSecret" else None,
     )
     decision = decide(status, observation)
-    next_due = min((t for t in (due_at, expiry.next_change) if t is not None), default=None)
-    return Pass(decision, spec, inputs, record, next_due)
+    retry = discovered.retry_at if discovered else None
+    step_due = None
+    if renewer is not None and inputs is not None and spec.renewal is not None:
+        step = await renewer.advance(body, spec, inputs, tokens, discovered, source, now=now)
+        if step.state is not None:
+            decision.status["renewal"] = step.state
+        decision.events.extend(step.events)
+        step_due = step.next_due
+    next_due = min((t for t in (due_at, expiry.next_change, retry, step_due) if t is not None), default=None)
+    return Pass(decision, spec, inputs, record, next_due, expires_at)
+
+
+def _effective_expiry(
+    spec: SmtpOAuthSpec, typed: datetime | None, discovered: Discovery | None, status: Mapping[str, Any]
+) -> datetime | None:
+    """Graph's date wins for a client secret (a certificate's own notAfter is already the truth).
+
+    When Graph can not be read now but was before (status.expirySource Graph, e.g. before a restart),
+    its last date is kept, so a throttled read never moves the alarms back to a typed date."""
+    if spec.credential_kind != "ClientSecret" or discovered is None:
+        return typed
+    if discovered.expires_at is not None:
+        return discovered.expires_at
+    if discovered.credentials is None and status.get("expirySource") == "Graph":
+        try:
+            return parse_time(str(status.get("clientSecretExpiresAt") or ""))
+        except ValueError:
+            return typed
+    return typed

@@ -42,7 +42,9 @@ from smtp_oauth_operator.clients.metrics import Metrics
 from smtp_oauth_operator.domain.reasons import CheckFailed
 from smtp_oauth_operator.domain.spec import RECHECK_ANNOTATION, SpecError, parse_spec
 from smtp_oauth_operator.services.connection import send_mail
+from smtp_oauth_operator.services.discovery import GraphDiscovery
 from smtp_oauth_operator.services.evaluation import Pass, evaluate
+from smtp_oauth_operator.services.renewal import Renewer
 from smtp_oauth_operator.services.workqueue import AsyncWorkQueue, ShutDown, WorkQueue
 
 __all__ = ["Reconciler"]
@@ -160,6 +162,8 @@ class Reconciler:
         self.kube = kube
         self.tokens = tokens
         self.metrics = metrics
+        self.discovery = GraphDiscovery()  # Graph reads shared by every resource of an app registration
+        self.renewer = Renewer(kube, self.discovery)
         self.clock = clock
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
@@ -431,7 +435,9 @@ class Reconciler:
         self.passes += 1
         body = entry.body
         evaluated = entry.trigger
-        result = await evaluate(body, self.kube, self.tokens, now=self.clock())
+        result = await evaluate(
+            body, self.kube, self.tokens, now=self.clock(), discovery=self.discovery, renewer=self.renewer
+        )
         if self._entries.get(key) is not entry:
             return None  # deleted during the pass: no status, no metric series
         self._record(key, result)
@@ -452,8 +458,8 @@ class Reconciler:
         ready = result.decision.ready
         self.metrics.ready.labels(namespace, name).set(1 if ready.get("status") == "True" else 0)
         expires = result.decision.status.get("clientSecretExpiresAt")
-        if result.spec is not None and (result.inputs and result.inputs.expires_at):
-            self.metrics.expiration.labels(namespace, name).set(result.inputs.expires_at.timestamp())
+        if result.spec is not None and result.inputs and result.expires_at:
+            self.metrics.expiration.labels(namespace, name).set(result.expires_at.timestamp())
         elif not expires:
             with contextlib.suppress(KeyError):
                 self.metrics.expiration.remove(namespace, name)

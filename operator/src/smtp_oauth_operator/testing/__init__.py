@@ -6,6 +6,8 @@ Why: the project does not mock msal or aiosmtplib, so their counterparts must ex
 * :mod:`.pki` — a throw-away CA issuing server certificates (trusted and untrusted CAs).
 * :mod:`.idp` — ``FakeEntraID``, HTTPS OIDC discovery + client-credentials token endpoint with
   Entra ID's error JSON and injectable throttling, 5xx and hangs.
+* :mod:`.graph` — ``FakeGraph``, Microsoft Graph's application credential API (read, addPassword,
+  removePassword) over ``FakeEntraID``'s directory, with Graph's error JSON, throttling and denial.
 * :mod:`.smtpd` — ``FakeExchange``, an aiosmtpd server replying like smtp.office365.com.
 * :mod:`.peers` — silent/garbage/closed peers and an HTTP CONNECT proxy.
 * :mod:`.devservers` and ``python -m smtp_oauth_operator.testing serve`` — all of it at once.

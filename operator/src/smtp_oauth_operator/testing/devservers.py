@@ -1,10 +1,11 @@
-"""One call to bring up a CA, a fake Entra ID and a fake Exchange, seeded and described on disk.
+"""One call to bring up a CA, a fake Entra ID, a fake Microsoft Graph and a fake Exchange, seeded and
+described on disk.
 
 Why: the integration tests, the demo and the benchmark all need the same small world — a tenant,
 an app registration with a client secret, a mailbox the app may send as — and the operator under
 test only needs to be told where it lives. :class:`DevServers` builds that world and writes
 ``<state-dir>/ca.pem`` (the CA to trust) and ``<state-dir>/endpoints.json`` (authority host, token
-endpoint, SMTP host/port, tenant, client ID, mailbox) so a separate process (``python -m
+endpoint, Graph host, SMTP host/port, tenant, client ID, mailbox) so a separate process (``python -m
 smtp_oauth_operator.testing serve``) can be driven from shell scripts.
 
 The client secret is supplied by the caller and deliberately never written to the state directory,
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from smtp_oauth_operator.testing.graph import GRAPH_RESOURCE, FakeGraph
 from smtp_oauth_operator.testing.idp import EXCHANGE_RESOURCE, FakeEntraID
 from smtp_oauth_operator.testing.pki import CertificateAuthority
 from smtp_oauth_operator.testing.smtpd import FakeExchange
@@ -50,6 +52,7 @@ class Endpoints:
     client_id: str
     mailbox: str
     scope: str = f"{EXCHANGE_RESOURCE}/.default"
+    graph_host: str = ""
 
     def to_json(self) -> dict[str, str | int]:
         return {
@@ -62,16 +65,19 @@ class Endpoints:
             "clientId": self.client_id,
             "mailbox": self.mailbox,
             "scope": self.scope,
+            "graphHost": self.graph_host,
         }
 
 
 class DevServers:
-    """A CA, a :class:`FakeEntraID` and a STARTTLS :class:`FakeExchange`, seeded with one tenant,
-    one app (``client_id``/``client_secret``) and FullAccess for it on every mailbox.
+    """A CA, a :class:`FakeEntraID`, a :class:`FakeGraph` over the same directory and a STARTTLS
+    :class:`FakeExchange`, seeded with one tenant, one app (``client_id``/``client_secret``) that may
+    read its own registration in Graph (``graph_roles``, Application.Read.All by default) and
+    FullAccess for it on every mailbox.
 
     ``with DevServers(tmp_path, client_secret="…") as dev: dev.endpoints.smtp_port …`` — the
-    servers are also reachable as ``dev.idp`` and ``dev.exchange`` for fault injection and for
-    inspecting received mail.
+    servers are also reachable as ``dev.idp``, ``dev.graph`` and ``dev.exchange`` for fault injection
+    and for inspecting received mail.
     """
 
     def __init__(
@@ -85,6 +91,7 @@ class DevServers:
         smtp_port: int = 0,
         idp_port: int = 0,
         token_lifetime: int = 3599,
+        graph_roles: Sequence[str] = ("Application.Read.All",),
     ) -> None:
         if not client_secret:
             raise ValueError("a client secret is required")
@@ -98,7 +105,9 @@ class DevServers:
         self._smtp_port = smtp_port
         self._idp_port = idp_port
         self._token_lifetime = token_lifetime
+        self._graph_roles = tuple(graph_roles)
         self._idp: FakeEntraID | None = None
+        self._graph: FakeGraph | None = None
         self._exchange: FakeExchange | None = None
         self._endpoints: Endpoints | None = None
 
@@ -117,6 +126,8 @@ class DevServers:
             idp.register_app(
                 self.tenant_id, self.client_id, self._secret, token_lifetime=self._token_lifetime
             )
+            self._graph = FakeGraph(idp, cert).start()
+            idp.grant_api_roles(self.tenant_id, self.client_id, GRAPH_RESOURCE, *self._graph_roles)
             exchange = FakeExchange(idp, cert=cert, port=self._smtp_port).start()
             self._exchange = exchange
             for mailbox in self.mailboxes:
@@ -130,6 +141,7 @@ class DevServers:
                 tenant_id=self.tenant_id,
                 client_id=self.client_id,
                 mailbox=self.mailboxes[0],
+                graph_host=self._graph.base_url,
             )
             target = self.endpoints_file
             partial = target.with_suffix(".json.partial")
@@ -144,6 +156,9 @@ class DevServers:
         if self._exchange is not None:
             self._exchange.stop()
             self._exchange = None
+        if self._graph is not None:
+            self._graph.stop()
+            self._graph = None
         if self._idp is not None:
             self._idp.stop()
             self._idp = None
@@ -164,6 +179,12 @@ class DevServers:
         if self._idp is None:
             raise RuntimeError("DevServers is not started")
         return self._idp
+
+    @property
+    def graph(self) -> FakeGraph:
+        if self._graph is None:
+            raise RuntimeError("DevServers is not started")
+        return self._graph
 
     @property
     def exchange(self) -> FakeExchange:
@@ -189,7 +210,7 @@ class DevServers:
         """One human-readable line (no secret in it)."""
         e = self.endpoints
         return (
-            f"fake Entra ID at {e.authority_host}/{e.tenant_id}, fake Exchange at "
+            f"fake Entra ID at {e.authority_host}/{e.tenant_id}, fake Graph at {e.graph_host}, fake Exchange at "
             f"{e.smtp_host}:{e.smtp_port} (STARTTLS) for {e.mailbox}; "
             f"endpoints in {self.endpoints_file}"
         )

@@ -51,6 +51,7 @@ __all__ = [
     "Endpoint",
     "FakeEntraID",
     "FederatedCredential",
+    "PasswordMeta",
     "TokenInfo",
 ]
 
@@ -128,6 +129,57 @@ class _App:
     display_name: str
     certificates: dict[str, x509.Certificate] = field(default_factory=dict)  # SHA-256 hex -> cert
     federated: list[FederatedCredential] = field(default_factory=list)
+    # What Microsoft Graph shows of the same registration (testing/graph.py): the application's
+    # object ID, per-credential metadata, its owners and the app roles granted per resource.
+    object_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    password_meta: dict[str, PasswordMeta] = field(default_factory=dict)  # secret value -> metadata
+    key_meta: dict[str, PasswordMeta] = field(default_factory=dict)  # SHA-256 thumbprint -> metadata
+    owners: set[str] = field(default_factory=set)  # client IDs (lower-case) of owning service principals
+    api_roles: dict[str, tuple[str, ...]] = field(default_factory=dict)  # resource (lower) -> roles
+    # A multi-tenant app published by another tenant: here only its service principal exists, so
+    # Graph has no application object for it in this tenant (404), yet tokens are issued.
+    guest: bool = False
+
+    def password(self, value: str) -> PasswordMeta:
+        """Graph's record of a secret, made on first sight for secrets registered without one."""
+        meta = self.password_meta.get(value)
+        if meta is None:
+            meta = self.password_meta[value] = PasswordMeta.new()
+        return meta
+
+    def key(self, thumbprint: str) -> PasswordMeta:
+        meta = self.key_meta.get(thumbprint)
+        if meta is None:
+            cert = self.certificates[thumbprint]
+            meta = self.key_meta[thumbprint] = PasswordMeta(
+                key_id=str(uuid.uuid4()),
+                display_name=cert.subject.rfc4514_string(),
+                start=cert.not_valid_before_utc,
+                end=cert.not_valid_after_utc,
+            )
+        return meta
+
+
+@dataclass
+class PasswordMeta:
+    """A credential's metadata as Microsoft Graph lists it (never its value)."""
+
+    key_id: str
+    display_name: str | None
+    start: dt.datetime
+    end: dt.datetime
+    has_hint: bool = True  # secrets made before Graph kept hints list ``"hint": null``
+
+    @classmethod
+    def new(
+        cls,
+        display_name: str | None = None,
+        end: dt.datetime | None = None,
+        start: dt.datetime | None = None,
+    ) -> PasswordMeta:
+        # The portal's default lifetime is 180 days ("Recommended: 180 days").
+        begin = start or dt.datetime.now(dt.UTC)
+        return cls(str(uuid.uuid4()), display_name, begin, end or begin + dt.timedelta(days=180))
 
 
 @dataclass(frozen=True)
@@ -454,11 +506,77 @@ class FakeEntraID:
         with self._lock:
             app = self._require_app(tenant, client_id)
             app.secrets = {secret: expired}
+            app.password_meta = {k: v for k, v in app.password_meta.items() if k == secret}
 
-    def add_secret(self, tenant: str, client_id: str, secret: str, *, expired: bool = False) -> None:
-        """Add a second secret, as during an overlap rotation; both are accepted."""
+    def add_secret(
+        self,
+        tenant: str,
+        client_id: str,
+        secret: str,
+        *,
+        expired: bool = False,
+        end: dt.datetime | None = None,
+        display_name: str | None = None,
+        legacy: bool = False,
+    ) -> str:
+        """Add a second secret, as during an overlap rotation; both are accepted. ``end`` is the
+        ``endDateTime`` Graph lists (after it the token endpoint answers AADSTS7000222); ``legacy``
+        makes it an old secret that Graph lists without a hint. Returns the credential's keyId."""
         with self._lock:
-            self._require_app(tenant, client_id).secrets[secret] = expired
+            app = self._require_app(tenant, client_id)
+            app.secrets[secret] = expired
+            meta = app.password_meta[secret] = PasswordMeta.new(display_name, end)
+            meta.has_hint = not legacy
+            return meta.key_id
+
+    def set_secret_end(self, tenant: str, client_id: str, secret: str, end: dt.datetime) -> None:
+        """Set the ``endDateTime`` Graph lists for ``secret`` (what the portal showed when it was made)."""
+        with self._lock:
+            self._require_app(tenant, client_id).password(secret).end = end
+
+    def remove_secret(self, tenant: str, client_id: str, secret: str) -> None:
+        with self._lock:
+            app = self._require_app(tenant, client_id)
+            app.secrets.pop(secret, None)
+            app.password_meta.pop(secret, None)
+
+    def grant_api_roles(self, tenant: str, client_id: str, resource: str, *roles: str) -> None:
+        """Grant app roles of another API (e.g. Microsoft Graph's Application.Read.All), with admin
+        consent: tokens for ``resource`` carry exactly these roles."""
+        with self._lock:
+            self._require_app(tenant, client_id).api_roles[resource.rstrip("/").lower()] = tuple(roles)
+
+    def add_owner(self, tenant: str, client_id: str, owner_client_id: str) -> None:
+        """Make ``owner_client_id``'s service principal an owner of the app (itself, for OwnedBy)."""
+        with self._lock:
+            self._require_app(tenant, client_id).owners.add(owner_client_id.lower())
+
+    def make_guest(self, tenant: str, client_id: str) -> None:
+        """The app becomes a multi-tenant app registered elsewhere (Graph: Request_ResourceNotFound)."""
+        with self._lock:
+            self._require_app(tenant, client_id).guest = True
+
+    def provision_resource(self, resource: str) -> None:
+        """Make ``resource`` (e.g. Microsoft Graph) known in every tenant, present and future."""
+        resource = resource.rstrip("/")
+        with self._lock:
+            if resource not in self.default_resources:
+                self.default_resources = (*self.default_resources, resource)
+            for tenant in self._tenants.values():
+                if resource not in tenant.resources:
+                    tenant.resources = (*tenant.resources, resource)
+
+    def app_record(self, tenant: str, client_id: str) -> _App:
+        """The live registration (testing/graph.py shares it; hold :attr:`lock` while using it)."""
+        return self._require_app(tenant, client_id)
+
+    def apps(self, tenant: str) -> list[_App]:
+        with self._lock:
+            return list(self._require_tenant(tenant).apps.values())
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self._lock
 
     def expire_secret(self, tenant: str, client_id: str, secret: str | None = None) -> None:
         """Mark ``secret`` (default: every secret of the app) as expired."""
@@ -482,10 +600,11 @@ class FakeEntraID:
 
     def remove_certificate(self, tenant: str, client_id: str, cert_pem: str) -> None:
         cert = x509.load_pem_x509_certificate(cert_pem.encode())
+        thumbprint = cert.fingerprint(hashes.SHA256()).hex()
         with self._lock:
-            self._require_app(tenant, client_id).certificates.pop(
-                cert.fingerprint(hashes.SHA256()).hex(), None
-            )
+            app = self._require_app(tenant, client_id)
+            app.certificates.pop(thumbprint, None)
+            app.key_meta.pop(thumbprint, None)
 
     def add_federated_credential(self, tenant: str, client_id: str, credential: FederatedCredential) -> None:
         """``az ad app federated-credential create``: trust tokens of ``issuer`` for ``subject``."""
@@ -909,7 +1028,10 @@ class FakeEntraID:
                 f"client secret value, not the client secret ID, for a secret added to app "
                 f"'{app.client_id}'.",
             )
-        if app_secrets[secret]:
+        with self._lock:
+            meta = app.password_meta.get(secret)
+            past_end = meta is not None and meta.end <= dt.datetime.now(dt.UTC)
+        if app_secrets[secret] or past_end:
             raise _HttpError(
                 401,
                 "invalid_client",
@@ -1190,7 +1312,7 @@ class FakeEntraID:
             tenant_id=app.tenant_id,
             client_id=app.client_id,
             audience=resource,
-            roles=app.roles,
+            roles=app.api_roles.get(resource.lower(), app.roles),
             issued_at=now,
             expires_at=now + app.token_lifetime,
         )
@@ -1268,7 +1390,7 @@ def _make_token(app: _App, resource: str, now: int) -> str:
         "idtyp": "app",
         "oid": oid,
         "rh": "1." + _random_b64url(60) + ".",
-        "roles": list(app.roles),
+        "roles": list(app.api_roles.get(resource.lower(), app.roles)),
         "sid": str(uuid.uuid4()),
         "sub": oid,
         "tid": app.tenant_id,
