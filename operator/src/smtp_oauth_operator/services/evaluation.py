@@ -1,7 +1,8 @@
 """One pass over one SmtpOAuthConfig: parse, resolve, test if due, and decide the status.
 
 Shared by the operator's reconciler (which then writes status, posts Events and schedules the next
-pass) and by the ``check`` CLI (which prints the decision). Nothing here writes anywhere.
+pass) and by the ``check`` CLI (which prints the decision). Nothing here writes anywhere, but for the
+reconciler's ``before_message``, which records a test message's intent before it is sent.
 """
 
 from __future__ import annotations
