@@ -24,10 +24,6 @@ _RECORDS: list[Record] = []
 # Faults the operator does not survive yet, each a bug report of its own (strict: once fixed, the test
 # passes, pytest reports XPASS as a failure, and the entry must go).
 KNOWN: dict[str, str] = {
-    "operator-sigkill": (
-        "a pass's e-mails are remembered only in memory until its status write succeeds: a SIGKILL "
-        "before that write repeats the alarm e-mail and the test message after the restart"
-    ),
     "secret-deleted-rotated": (
         "after a Secret re-list the feed pokes only the Secrets whose version it saw in an event while "
         "referenced: a Secret created before its SmtpOAuthConfig and deleted during a watch gap goes "

@@ -25,7 +25,7 @@ class FakeApi:
         self.patches: list[tuple[Key, dict[str, Any]]] = []
         self.events: list[tuple[Key, str, str, str]] = []
         # Raised by the next status patches, in order (a 5xx, a 403, a timeout ...).
-        self.patch_faults: list[BaseException] = []
+        self.patch_faults: list[BaseException | None] = []
         # While cleared, reads wait here (a pass held mid-way); ``reading`` is set when one waits.
         self.gate = asyncio.Event()
         self.gate.set()
@@ -101,17 +101,13 @@ class FakeApi:
             await asyncio.to_thread(lambda: None)
         self.patches.append(((namespace, name), copy.deepcopy(dict(status))))
         if self.patch_faults:
-            raise self.patch_faults.pop(0)
+            fault = self.patch_faults.pop(0)
+            if fault is not None:  # None: this write lands
+                raise fault
         body = self.configs.get((namespace, name))
         if body is None:
             return None
-        merged = dict(body.get("status") or {})
-        for key, value in status.items():
-            if value is None:
-                merged.pop(key, None)
-            else:
-                merged[key] = copy.deepcopy(value)
-        body["status"] = merged
+        body["status"] = _merge(body.get("status") or {}, status)
         body["metadata"]["resourceVersion"] = self._bump()
         return copy.deepcopy(body)
 
@@ -120,3 +116,17 @@ class FakeApi:
     ) -> None:
         meta = body.get("metadata") or {}
         self.events.append(((str(meta.get("namespace")), str(meta.get("name"))), type_, reason, message))
+
+
+def _merge(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch (RFC 7386), as the API server applies it: objects merge key by key, None
+    removes, anything else (lists too) replaces."""
+    merged = copy.deepcopy(dict(target))
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged

@@ -11,6 +11,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from tests.fakeapi import FakeApi
 
 from smtp_oauth_operator.clients.identity import TokenProvider
@@ -74,7 +75,8 @@ async def test_failing_status_writes_never_repeat_the_alarm_or_the_test_message(
     created = api.create(NS, "mail", _expiring_spec(peers))
     reconciler.observe(created)
     assert await reconciler.process_next() == (NS, "mail")
-    assert (_to(peers, ADMIN), _to(peers, OPS)) == (1, 1)
+    # Nothing is sent before the status says it will be (at most once, also across a restart).
+    assert (_to(peers, ADMIN), _to(peers, OPS)) == (0, 0)
 
     for _ in range(len(api.patch_faults) + 1):
         # Meanwhile: a re-list returns the resource without our status, a Secret event pokes it.
@@ -91,6 +93,58 @@ async def test_failing_status_writes_never_repeat_the_alarm_or_the_test_message(
     assert [c["reason"] for c in status["conditions"] if c["type"] == "Ready"] == ["ConnectionTested"]
     assert (_to(peers, ADMIN), _to(peers, OPS)) == (1, 1), "an e-mail was sent again"
     assert [e[2] for e in api.events].count("ClientSecretExpiringSoon") == 1
+
+
+@pytest.mark.parametrize("written", [0, 1, 2, 3], ids=lambda n: f"killed-after-{n}-writes")
+async def test_an_operator_killed_at_any_status_write_never_repeats_an_e_mail(
+    peers: Peers, written: int
+) -> None:
+    """SIGKILL while a status write of the pass fails (an API outage): the next process must not
+    send again what the first one may have sent (issue 10: operator-sigkill)."""
+    api = _api(peers)
+    clock = FakeClock()
+    first = Reconciler(api, TokenProvider(), Metrics(), monotonic=clock, jitter=lambda: 1.0)  # type: ignore[arg-type]
+    # The first ``written`` status writes land, every later one fails; then the process dies.
+    api.patch_faults = [None] * written + [
+        KubeUnavailable("patch smtpoauthconfigs/status mail/mail: ReadTimeoutError")
+    ] * 10
+    first.observe(api.create(NS, "mail", _expiring_spec(peers)))
+    assert await first.process_next() == (NS, "mail")
+    before = (_to(peers, ADMIN), _to(peers, OPS))
+    assert max(before) <= 1
+    del first  # SIGKILL: its memory (the pending status) is gone
+    logins = len(peers.smtp.auth_attempts)
+
+    api.patch_faults = []
+    second = Reconciler(api, TokenProvider(), Metrics(), monotonic=clock, jitter=lambda: 1.0)  # type: ignore[arg-type]
+    second.observe(api.get(NS, "mail"))
+    while await second.process_next() is not None:
+        pass
+    sent = (_to(peers, ADMIN), _to(peers, OPS))
+    assert max(sent) <= 1, f"an e-mail was sent again after the restart: {before} → {sent}"
+    status = api.get(NS, "mail")["status"]
+    assert [c["reason"] for c in status["conditions"] if c["type"] == "Ready"] == ["ConnectionTested"]
+    assert status["lastAlarm"]["type"] == "ClientSecretExpiringSoon"
+    assert "sending" not in status["lastAlarm"]
+    assert "testMessageTrigger" not in status
+    reasons = [e[2] for e in api.events]
+    assert reasons.count("ClientSecretExpiringSoon") == 1
+    if written == 0:
+        # Nothing had been sent: the restarted process sends both, once.
+        assert before == (0, 0)
+        assert sent == (1, 1)
+        assert status["lastAlarm"]["notified"] is True
+    if written == 1:
+        # The test message left, its test's result was not written: the login is tested again, alone.
+        assert len(peers.smtp.auth_attempts) > logins
+    if written == 2:
+        # The alarm e-mail left between the write announcing it and the one recording its outcome:
+        # the next process does not know whether it arrived, says so, and does not send it again.
+        assert sent == (1, 1)
+        assert "notified" not in status["lastAlarm"]
+        assert reasons.count("AlarmNotificationUnknown") == 1
+    else:
+        assert "AlarmNotificationUnknown" not in reasons
 
 
 async def test_a_black_holed_identity_provider_does_not_delay_healthy_resources(peers: Peers) -> None:

@@ -214,6 +214,7 @@ def test_status_fields() -> None:
         "expiryMismatch": "object",
         "appCredentials": "array",
         "renewal": "object",
+        "testMessageTrigger": "string",
     }
     assert {k: v["type"] for k, v in props.items()} == expected
     for name in ("lastTestTime", "nextTestTime", "clientSecretExpiresAt"):
@@ -221,6 +222,7 @@ def test_status_fields() -> None:
     assert props["alarmHistory"]["maxItems"] == 20
     assert set(props["alarmHistory"]["items"]["properties"]) == {"type", "thresholdDays", "time", "message"}
     assert {"type", "thresholdDays", "time"} <= set(props["lastAlarm"]["properties"])
+    assert props["lastAlarm"]["properties"]["sending"]["type"] == "boolean"
 
 
 def test_printer_columns() -> None:

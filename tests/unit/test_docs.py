@@ -27,6 +27,7 @@ EVENTS = {
     "ClientCertificateExpired": "Warning",
     "ClientCertificateRotated": "Normal",
     "AlarmNotificationFailed": "Warning",
+    "AlarmNotificationUnknown": "Warning",
     "SecretNotProtected": "Warning",
     "ExpiryMismatch": "Warning",
     "ExpiryDiscoveryFailed": "Warning",

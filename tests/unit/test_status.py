@@ -201,3 +201,25 @@ def test_failed_alarm_email_is_retried_without_a_new_event() -> None:
     first.status["lastAlarm"]["notified"] = True
     done = decide(first.status, observe(EXPIRES - timedelta(days=3) + timedelta(hours=1), tested=False))
     assert done.alarm is None
+
+
+def test_an_alarm_e_mail_interrupted_while_sending_is_not_sent_again() -> None:
+    first = decide(None, observe(EXPIRES - timedelta(days=3)))
+    assert first.alarm is not None
+    # What the reconciler writes before sending; a process that stopped before the outcome left it.
+    first.status["lastAlarm"]["sending"] = True
+    later = EXPIRES - timedelta(days=3) + timedelta(minutes=5)
+    after = decide(first.status, observe(later, tested=False))
+    assert after.alarm is None, "at most once: an e-mail whose outcome is unknown is not sent again"
+    assert "sending" not in after.status["lastAlarm"]
+    assert "notified" not in after.status["lastAlarm"], "the outcome stays unknown"
+    assert after.status["lastAlarm"]["type"] == "ClientSecretExpiringSoon"
+    unknown = [e for e in after.events if e.reason == "AlarmNotificationUnknown"]
+    assert len(unknown) == 1
+    assert unknown[0].type == "Warning"
+    assert "inbox" in unknown[0].message
+    assert "ClientSecretExpiringSoon" not in reasons(after), "the alarm itself is not raised again"
+    # Recorded: the next pass says nothing more.
+    again = decide(after.status, observe(later + timedelta(minutes=5), tested=False))
+    assert again.alarm is None
+    assert "AlarmNotificationUnknown" not in reasons(again)

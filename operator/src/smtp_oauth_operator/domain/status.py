@@ -318,7 +318,20 @@ def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
         )
 
     # 3. Alarms: once per threshold for a given expiry date, remembered in status across restarts.
-    last = prev.get("lastAlarm") if "lastAlarm" in status else None
+    last = status.get("lastAlarm")
+    if isinstance(last, Mapping) and last.get("sending"):
+        # The reconciler writes ``sending`` before an alarm e-mail and replaces it with ``notified``
+        # after; finding it means a process stopped in between. Sending again could repeat the
+        # e-mail, so its outcome stays unknown (the alarm's condition and Event are there anyway).
+        last = status["lastAlarm"] = {k: v for k, v in last.items() if k != "sending"}
+        events.append(
+            Event(
+                "Warning",
+                "AlarmNotificationUnknown",
+                f"The {last.get('type')} alarm e-mail may not have been delivered (the operator stopped "
+                "while sending it and does not send it twice): check the inbox of spec.alarms.notify.to.",
+            )
+        )
     same_date = bool(last) and _parse(last.get("expiresAt")) == expiry.expires_at  # type: ignore[union-attr]
     if exp_reason is Reason.EXPIRED and not (same_date and last and last.get("type") == f"{kind}Expired"):
         alarm = Alarm(

@@ -417,10 +417,12 @@ async def run(
     where: str,
     now: datetime | None = None,
     deadline: float | None = None,
+    send_message: bool = True,
 ) -> ConnectionTestResult:
     """Acquire a token and authenticate to SMTP; the result, never an exception, for CheckFailed.
 
-    ``deadline`` bounds each step (default: twice its timeout)."""
+    ``deadline`` bounds each step (default: twice its timeout); without ``send_message`` the test
+    stops after AUTH even when spec.testMessage is set."""
     started = now or datetime.now(UTC)
     clock = time.monotonic()
     try:
@@ -431,7 +433,7 @@ async def run(
             failure=exc, tested_at=started, duration=0.0, fingerprint=inputs.fingerprint, scope=spec.scope
         )
     message = None
-    if spec.test_message_to:
+    if spec.test_message_to and send_message:
         message = Message(
             sender=spec.test_message_from or spec.username,
             to=(spec.test_message_to,),

@@ -1,13 +1,17 @@
 """One pass over one SmtpOAuthConfig: parse, resolve, test if due, and decide the status.
 
 Shared by the operator's reconciler (which then writes status, posts Events and schedules the next
-pass) and by the ``check`` CLI (which prints the decision). Nothing here writes anywhere.
+pass) and by the ``check`` CLI (which prints the decision). Nothing here writes anywhere, but for the
+reconciler's ``before_message``, which records a test message's intent before it is sent.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -29,7 +33,11 @@ from smtp_oauth_operator.services.connection import Inputs, ObjectSource, resolv
 from smtp_oauth_operator.services.discovery import GraphDiscovery
 from smtp_oauth_operator.services.renewal import Renewer, renewed_spec
 
-__all__ = ["Pass", "backoff", "evaluate"]
+__all__ = ["TEST_MESSAGE_TRIGGER", "Pass", "backoff", "evaluate"]
+
+logger = logging.getLogger(__name__)
+# status field: which test the test message was (or is being) sent for, see evaluate()
+TEST_MESSAGE_TRIGGER = "testMessageTrigger"
 
 # Transient failures retry at 30 s doubling to 30 min (never beyond the recheck interval); a
 # rejected credential waits for a change of the spec or the Secret, re-tested at the recheck interval.
@@ -124,6 +132,14 @@ def _certificate_expired(
     return None
 
 
+def _message_trigger(
+    generation: int, recheck: str | None, fingerprint: str, status: Mapping[str, Any]
+) -> str:
+    """What a due test is for: the spec, a recheck, the inputs, or the time since the last test."""
+    what = [generation, recheck, fingerprint, status.get("lastTestTime")]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:32]
+
+
 async def evaluate(
     body: Mapping[str, Any],
     source: ObjectSource,
@@ -133,12 +149,20 @@ async def evaluate(
     force: bool = False,
     discovery: GraphDiscovery | None = None,
     renewer: Renewer | None = None,
+    before_message: Callable[[str], Awaitable[bool]] | None = None,
 ) -> Pass:
     """Run one pass; ``force`` tests even when the last test is fresh (the CLI). ``discovery`` holds the
     process's Graph reads (a fresh one, reading at once, when not given).
 
     Whatever the body holds, the answer is a decision (InvalidSpec for what cannot be used), never an
     exception: a resource the API server accepted must get a status.
+
+    ``before_message`` (the reconciler) makes test messages at most once, across restarts too: it is
+    awaited with the trigger of a test that would send one, and records it in
+    ``status.testMessageTrigger`` before the message goes out (it raises when it cannot, and returns
+    False when the resource is gone: then nothing is tested). A test whose trigger is already recorded
+    was begun by a process that stopped before its status write: it may have sent the message, so this
+    one tests the login only.
     """
     metadata = _mapping(body.get("metadata"))
     namespace = str(metadata.get("namespace") or "default")
@@ -210,7 +234,22 @@ async def evaluate(
                 # Before any network call: Entra ID would only say the signature failed.
                 record = ConnectionTestResult(expired, now, 0.0, fingerprint=inputs.fingerprint)
             else:
-                record = await run(spec, inputs, tokens, where=f"{namespace}/{name}", now=now)
+                send: bool | None = True
+                if spec.test_message_to and before_message is not None:
+                    trigger = _message_trigger(generation, recheck, inputs.fingerprint, status)
+                    if status.get(TEST_MESSAGE_TRIGGER) == trigger:
+                        send = False
+                        logger.info(
+                            "Testing %s/%s without its test message: an earlier process may have sent it",
+                            namespace,
+                            name,
+                        )
+                    elif not await before_message(trigger):
+                        send = None
+                if send is not None:
+                    record = await run(
+                        spec, inputs, tokens, where=f"{namespace}/{name}", now=now, send_message=send
+                    )
 
     if record is not None:
         failures = failures + 1 if record.failure else 0

@@ -16,11 +16,16 @@ every write. When both versions are integers an older one is ignored (an old wat
 our own write must not bring back the pre-write status); when either is not, the newer event wins.
 
 The status of a pass is written only when it differs from the stored one (one JSON merge patch), so
-steady state costs no API writes. A pass that sent an e-mail (an alarm, a test message) keeps the
-status it computed *pending* until it is written: a failed write is retried, with the same per-resource
-backoff as a failed read, before anything is evaluated again, so an API outage never repeats an e-mail.
-(An operator killed between the e-mail and the write sends it again once: at-least-once across a
-crash, exactly once otherwise.) Events go out with the status that records them.
+steady state costs no API writes. The status a pass computed stays *pending* until it is written: a
+failed write is retried, with the same per-resource backoff as a failed read, before anything is
+evaluated again. Events go out with the status that records them.
+
+E-mails are at most once, across restarts too, by writing the intent first: a test that would send
+a test message records its trigger (status.testMessageTrigger, services/evaluation.py) before it runs,
+and an alarm e-mail goes out only after the pass's status, with ``lastAlarm.sending``, is written; a
+second write replaces ``sending`` with ``notified``. A failed intent write sends nothing (the pass is
+retried with backoff). A process that finds an intent without its outcome does not send again: it tests
+without the message, or records the alarm e-mail's outcome as unknown (domain/status.py).
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ from smtp_oauth_operator.clients.kube import Kube, KubeUnavailable
 from smtp_oauth_operator.clients.metrics import Metrics
 from smtp_oauth_operator.domain.reasons import CheckFailed
 from smtp_oauth_operator.domain.spec import RECHECK_ANNOTATION, SpecError, parse_spec
+from smtp_oauth_operator.domain.status import Alarm
 from smtp_oauth_operator.services.connection import send_mail
 from smtp_oauth_operator.services.discovery import GraphDiscovery
-from smtp_oauth_operator.services.evaluation import Pass, evaluate
+from smtp_oauth_operator.services.evaluation import TEST_MESSAGE_TRIGGER, Pass, evaluate
 from smtp_oauth_operator.services.renewal import Renewer
 from smtp_oauth_operator.services.workqueue import AsyncWorkQueue, ShutDown, WorkQueue
 
@@ -62,6 +68,15 @@ HEARTBEAT = 1.0
 MAX_LOOP_LAG = 30.0
 
 
+@dataclass(frozen=True, slots=True)
+class _Mail:
+    """An alarm e-mail, sent once the status announcing it (``lastAlarm.sending``) is written."""
+
+    body: dict[str, Any]
+    result: Pass
+    alarm: Alarm
+
+
 @dataclass(slots=True)
 class _Entry:
     packed: bytes  # the latest body, see _pack()
@@ -71,6 +86,8 @@ class _Entry:
     # The status the last pass decided and has not written yet, with the Events that go with it.
     pending: dict[str, Any] | None = None
     pending_events: list[tuple[str, str, str]] = field(default_factory=list)
+    mail: _Mail | None = None  # to send once ``pending`` is written
+    write_failed: bool = False  # the last pass failed on a status write (for its log line)
 
     @property
     def body(self) -> dict[str, Any]:
@@ -138,7 +155,14 @@ def _pack(body: Mapping[str, Any]) -> bytes:
 
 
 def _status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    patch = {k: v for k, v in new.items() if old.get(k) != v}
+    """The JSON merge patch from ``old`` to ``new``: objects are merged key by key by the API server,
+    so a key dropped from one (``lastAlarm.sending``) must be patched to None."""
+    patch: dict[str, Any] = {}
+    for k, v in new.items():
+        was = old.get(k)
+        if was == v:
+            continue
+        patch[k] = _status_patch(was, v) if isinstance(was, Mapping) and isinstance(v, Mapping) else v
     patch.update({k: None for k in old if k not in new})
     return patch
 
@@ -396,7 +420,7 @@ class Reconciler:
             if self._entries.get(key) is entry:
                 wait = self._queue.add_rate_limited(key)
                 detail = str(exc) or f"the pass did not end within {self.pass_deadline:.0f} s"
-                if entry.pending is not None:
+                if entry.pending is not None or entry.write_failed:
                     logger.warning(
                         "Could not write the status of %s/%s (%s); retrying in %.0f s", *key, detail, wait
                     )
@@ -428,6 +452,7 @@ class Reconciler:
 
         A status still pending from an earlier pass is written first; until it is, nothing is
         evaluated (which could send its e-mail again)."""
+        entry.write_failed = False
         if entry.pending is not None:
             await self._flush(key, entry)
             if self._entries.get(key) is not entry:
@@ -435,8 +460,18 @@ class Reconciler:
         self.passes += 1
         body = entry.body
         evaluated = entry.trigger
+
+        async def before_message(trigger: str) -> bool:
+            return await self._write(key, entry, {TEST_MESSAGE_TRIGGER: trigger})
+
         result = await evaluate(
-            body, self.kube, self.tokens, now=self.clock(), discovery=self.discovery, renewer=self.renewer
+            body,
+            self.kube,
+            self.tokens,
+            now=self.clock(),
+            discovery=self.discovery,
+            renewer=self.renewer,
+            before_message=before_message,
         )
         if self._entries.get(key) is not entry:
             return None  # deleted during the pass: no status, no metric series
@@ -479,59 +514,86 @@ class Reconciler:
             )
 
     async def _decide(self, key: Key, entry: _Entry, body: Mapping[str, Any], result: Pass) -> None:
-        """Send the alarm e-mail, if any, and make the status and Events of this pass pending."""
+        """Make the status and Events of this pass pending, with its alarm e-mail, if any, announced
+        in ``lastAlarm.sending`` (sent by _flush once that is written)."""
         decision = result.decision
-        failure: CheckFailed | None = None
         alarm = decision.alarm
-        events = [(e.type, e.reason, e.message) for e in decision.events]
+        last = decision.status.get("lastAlarm")
+        entry.mail = None
         if (
             alarm is not None
             and result.spec is not None
             and result.spec.notify_to
             and result.inputs is not None
+            and isinstance(last, dict)
         ):
-            # E-mail first, so that whether it reached the admins is part of the one status write.
-            failure = await self._notify(body, result, alarm.subject, alarm.body)
-            if isinstance(decision.status.get("lastAlarm"), dict):
-                decision.status["lastAlarm"] = {**decision.status["lastAlarm"], "notified": failure is None}
-            if failure is not None and not alarm.retry:
-                events.append(
-                    (
-                        "Warning",
-                        "AlarmNotificationFailed",
-                        f"Could not e-mail the {alarm.kind} alarm to {', '.join(result.spec.notify_to)}: "
-                        f"{failure.reason}: {failure.message}; retrying with the next checks.",
-                    )
-                )
+            last = {k: v for k, v in last.items() if k != "notified"}
+            decision.status["lastAlarm"] = {**last, "sending": True}
+            entry.mail = _Mail(dict(body), result, alarm)
         entry.pending = decision.status
-        entry.pending_events = events
+        entry.pending_events = [(e.type, e.reason, e.message) for e in decision.events]
+
+    async def _write(self, key: Key, entry: _Entry, patch: Mapping[str, Any]) -> bool:
+        """Patch the status; False when the resource is gone (a 404 forgets it) or was replaced.
+        Raises KubeUnavailable or CheckFailed."""
+        if self._entries.get(key) is not entry:
+            return False
+        try:
+            updated = await self.kube.patch_status(key[0], key[1], patch)
+        except (KubeUnavailable, CheckFailed):
+            entry.write_failed = True
+            raise
+        self.writes += 1
+        if self._entries.get(key) is not entry:
+            return False
+        if updated is None:
+            logger.info("%s/%s is gone (404 on its status); forgetting it", *key)
+            self.forget(*key)
+            return False
+        # Our own write is the latest version we know (forward only: a newer trigger it carries is
+        # compared by the caller with what the pass evaluated).
+        before = entry.trigger
+        entry.keep(updated)
+        if entry.trigger != before:
+            self._index(key, entry, _refs(key[0], updated.get("spec")))
+        return True
 
     async def _flush(self, key: Key, entry: _Entry) -> None:
         """Write the pending status (raises KubeUnavailable or CheckFailed, and it stays pending),
-        then post its Events. A 404 means the resource is gone: forget it."""
+        then post its Events; then send the alarm e-mail it announced and record its outcome."""
         assert entry.pending is not None
         if self._entries.get(key) is not entry:
-            return  # deleted (or re-created) while the e-mail went out: its status is not ours
+            return  # deleted (or re-created) during the pass: its status is not ours
         body = entry.body
         patch = _status_patch(body.get("status") or {}, entry.pending)
-        if patch:
-            updated = await self.kube.patch_status(key[0], key[1], patch)
-            self.writes += 1
-            if self._entries.get(key) is not entry:
-                return
-            if updated is None:
-                logger.info("%s/%s is gone (404 on its status); forgetting it", *key)
-                self.forget(*key)
-                return
-            # Our own write is the latest version we know (forward only: a newer trigger it carries
-            # is compared by the caller with what the pass evaluated).
-            before = entry.trigger
-            entry.keep(updated)
-            if entry.trigger != before:
-                self._index(key, entry, _refs(key[0], updated.get("spec")))
+        if patch and not await self._write(key, entry, patch):
+            return
         events, entry.pending, entry.pending_events = entry.pending_events, None, []
         for type_, reason, message in events:
             await self.kube.post_event(body, type_, reason, message)
+        mail, entry.mail = entry.mail, None
+        if mail is not None:
+            await self._send(key, entry, mail)
+
+    async def _send(self, key: Key, entry: _Entry, mail: _Mail) -> None:
+        """The alarm e-mail, after the write announcing it; its outcome becomes the pending status.
+        Interrupted before that is written (a crash, a stop), the outcome stays unknown for good."""
+        spec = mail.result.spec
+        assert spec is not None
+        failure = await self._notify(mail.body, mail.result, mail.alarm.subject, mail.alarm.body)
+        status = dict(entry.body.get("status") or {})
+        last = {k: v for k, v in (status.get("lastAlarm") or {}).items() if k != "sending"}
+        entry.pending = {**status, "lastAlarm": {**last, "notified": failure is None}}
+        if failure is not None and not mail.alarm.retry:
+            entry.pending_events = [
+                (
+                    "Warning",
+                    "AlarmNotificationFailed",
+                    f"Could not e-mail the {mail.alarm.kind} alarm to {', '.join(spec.notify_to)}: "
+                    f"{failure.reason}: {failure.message}; retrying with the next checks.",
+                )
+            ]
+        await self._flush(key, entry)
 
     async def _notify(
         self, body: Mapping[str, Any], result: Pass, subject: str, text: str
