@@ -28,11 +28,6 @@ KNOWN: dict[str, str] = {
         "a pass's e-mails are remembered only in memory until its status write succeeds: a SIGKILL "
         "before that write repeats the alarm e-mail and the test message after the restart"
     ),
-    "secret-deleted-rotated": (
-        "after a Secret re-list the feed pokes only the Secrets whose version it saw in an event while "
-        "referenced: a Secret created before its SmtpOAuthConfig and deleted during a watch gap goes "
-        "unnoticed (Ready stays True)"
-    ),
 }
 
 
