@@ -23,13 +23,7 @@ _RECORDS: list[Record] = []
 
 # Faults the operator does not survive yet, each a bug report of its own (strict: once fixed, the test
 # passes, pytest reports XPASS as a failure, and the entry must go).
-KNOWN: dict[str, str] = {
-    "secret-deleted-rotated": (
-        "after a Secret re-list the feed pokes only the Secrets whose version it saw in an event while "
-        "referenced: a Secret created before its SmtpOAuthConfig and deleted during a watch gap goes "
-        "unnoticed (Ready stays True)"
-    ),
-}
+KNOWN: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")

@@ -154,3 +154,64 @@ def test_with_namespaces_a_relist_of_one_drops_only_its_own() -> None:
     feed._resync_sources("Secret", "a", [])  # a's Secret vanished; b's is not a's business
     assert rec.calls == [("poke", "Secret", "s")]
     assert feed._versions["Secret"] == {("b", "s"): "1"}
+
+
+def _config(name: str, secret: str, namespace: str = "mail") -> dict[str, Any]:
+    body = _obj(name, namespace=namespace)
+    body["spec"] = {
+        "username": "no-reply@contoso.com",
+        "identity": {
+            "tenantId": "0d9b8c6e-1f2a-4b3c-9d8e-7f6a5b4c3d2e",
+            "clientId": "3f2504e0-4f89-11d3-9a0c-0305e82c3301",
+            "clientSecret": {"secretKeyRef": {"name": secret, "key": "client-secret"}},
+        },
+    }
+    return body
+
+
+def test_a_secret_listed_before_its_config_and_deleted_in_a_watch_gap_is_poked() -> None:
+    # kubectl apply of a directory: the Secret exists before the SmtpOAuthConfig that references it, so
+    # the first Secret list holds it unreferenced, and no event about it follows until it is deleted
+    # while the watch drops its events (then 410, re-list).
+    feed, rec, _ = _feed(set())
+    feed._fresh = {("Secret", None), ("ConfigMap", None)}  # as after start()
+    feed._resync_sources("Secret", None, [_obj("exo-app", "3"), _obj("helm-release", "4")])
+    rec.refs.add(("Secret", "mail", "exo-app"))  # what the reconciler indexes when it observes:
+    feed._config_event("ADDED", _config("a", "exo-app"))
+    assert rec.calls == [("observe", "a")]
+    rec.calls.clear()
+
+    feed._resync_sources("Secret", None, [_obj("helm-release", "4")])
+    assert rec.calls == [("poke", "Secret", "exo-app")], "its users still hold Ready from before the deletion"
+    rec.calls.clear()
+    feed._resync_sources("Secret", None, [_obj("helm-release", "4")])
+    assert rec.calls == [], "still gone: nothing changed since the last list"
+
+
+def test_a_referenced_object_first_known_from_a_relist_is_poked_once_then_not_again() -> None:
+    feed, rec, _ = _feed({("Secret", "a", "exo-app")}, ["a"])
+    feed._fresh = {("Secret", "a"), ("ConfigMap", "a")}
+    feed._resync_sources("Secret", "a", [])  # listed before the Secret and its config were created
+    feed._resync_configs("a", [_config("x", "exo-app", namespace="a")])
+    rec.calls.clear()
+
+    feed._resync_sources("Secret", "a", [_obj("exo-app", "7", "a")])
+    assert rec.calls == [("poke", "Secret", "exo-app")], "never known: maybe changed"
+    rec.calls.clear()
+    for _ in range(3):  # an API server restarting: re-lists of unchanged objects poke nobody
+        feed._resync_sources("Secret", "a", [_obj("exo-app", "7", "a")])
+    assert rec.calls == []
+    assert feed._versions["Secret"] == {("a", "exo-app"): "7"}
+
+
+def test_a_config_deleted_before_the_relist_leaves_nothing_behind() -> None:
+    feed, rec, _ = _feed(set())
+    feed._fresh = set()
+    rec.refs.add(("Secret", "mail", "exo-app"))
+    feed._config_event("ADDED", _config("a", "exo-app"))
+    rec.refs.clear()  # the reconciler forgets it, and with it the reference
+    feed._config_event("DELETED", _config("a", "exo-app"))
+    rec.calls.clear()
+    feed._resync_sources("Secret", None, [])
+    assert rec.calls == []
+    assert feed._versions["Secret"] == {}

@@ -8,6 +8,14 @@ pass then reads the object fresh); nothing of it is kept but, for referenced one
 resourceVersion, so that after a re-list exactly the referenced objects that changed (or vanished)
 meanwhile are poked.
 
+"Referenced" is the reconciler's index (``is_referenced``); the feed learns which keys to ask about
+from the lists and events of Secrets and ConfigMaps and from the specs of the SmtpOAuthConfigs it
+hands over. A reference the feed learns from a spec starts as *never known* (a Secret listed while
+nothing referenced it, as ``kubectl apply`` of a directory creates it before its SmtpOAuthConfig):
+the next re-list pokes its users whether it holds the object (maybe changed) or not (deleted during
+the watch gap). A re-list of objects whose versions the feed knows pokes nobody, so an API-server
+restart is no re-test storm. Memory: a key and a version per referenced object, nothing per other.
+
 :meth:`Feed.pause` stops the informers and the reconciler (timers, workers, cache) and forgets every
 token; :meth:`Feed.resume` starts them again, and the first list is the resync. Everything here runs
 on the event loop.
@@ -24,7 +32,7 @@ from typing import Any, Literal, Protocol
 
 from smtp_oauth_operator.clients.identity import TokenProvider
 from smtp_oauth_operator.clients.watching import CONFIGMAPS, SECRETS, ApiConnection, Informer, Kind
-from smtp_oauth_operator.domain.spec import GROUP, KIND, PLURAL, VERSION
+from smtp_oauth_operator.domain.spec import GROUP, KIND, PLURAL, VERSION, SpecError, parse_spec
 
 __all__ = ["CONFIGS", "Feed", "Reconciling"]
 
@@ -77,8 +85,8 @@ class Feed:
         self._cluster_wide = scopes == [None]
         # the SmtpOAuthConfigs each namespace's informer last listed or saw (namespaced mode)
         self._configs: dict[str | None, set[Key]] = {scope: set() for scope in scopes}
-        # resourceVersion of each referenced Secret / ConfigMap, as last seen
-        self._versions: dict[SourceKind, dict[Key, str]] = {"Secret": {}, "ConfigMap": {}}
+        # resourceVersion of each referenced Secret / ConfigMap, as last seen; None: never known
+        self._versions: dict[SourceKind, dict[Key, str | None]] = {"Secret": {}, "ConfigMap": {}}
         self._fresh: set[tuple[SourceKind, str | None]] = set()  # next list is the first since (re)start
         self.informers: list[Informer] = []
         for scope in scopes:
@@ -158,6 +166,8 @@ class Feed:
         if self._cluster_wide:
             self.reconciler.resync(bodies)
             self.tokens.retain(_owner(key) for key in listed)
+            for body in bodies:
+                self._note_references(body)
             return
         # One namespace's list says nothing about the others: drop what it no longer holds, keep theirs.
         for key in sorted(self._configs[scope] - listed):
@@ -165,6 +175,7 @@ class Feed:
             self.tokens.release(_owner(key))
         for body in bodies:
             self.reconciler.observe(body)
+            self._note_references(body)
         self._configs[scope] = listed
 
     def _config_event(self, type_: str, body: dict[str, Any]) -> None:
@@ -178,8 +189,21 @@ class Feed:
                 keys.discard(key)
         else:
             self.reconciler.observe(body)
+            self._note_references(body)
             if keys is not None:
                 keys.add(key)
+
+    def _note_references(self, body: Mapping[str, Any]) -> None:
+        """Remember, as never known, the objects ``body`` made referenced that the feed has no version of."""
+        namespace = _key(body)[0]
+        try:
+            refs = parse_spec(body.get("spec")).referenced_objects()
+        except SpecError:
+            return  # the reconciler indexes nothing for an invalid spec either
+        for kind, name in refs:
+            key = (namespace, name)
+            if key not in self._versions[kind] and self.reconciler.is_referenced(kind, *key):
+                self._versions[kind][key] = None
 
     # -- referenced Secrets and ConfigMaps ------------------------------------------------------
 
@@ -196,18 +220,20 @@ class Feed:
         self.reconciler.poke(kind, *key)
 
     def _resync_sources(self, kind: SourceKind, scope: str | None, objs: list[dict[str, Any]]) -> None:
-        listed = {
+        listed: dict[Key, str | None] = {
             key: str((obj.get("metadata") or {}).get("resourceVersion") or "")
             for obj in objs
             if self.reconciler.is_referenced(kind, *(key := _key(obj)))
         }
         versions = self._versions[kind]
         known = {k: v for k, v in versions.items() if scope is None or k[0] == scope}
+        # Still referenced and not listed: deleted during the gap, or absent all along (then not known).
+        vanished = {k for k in known.keys() - listed.keys() if self.reconciler.is_referenced(kind, *k)}
         if (kind, scope) in self._fresh:
             # After a (re)start every resource gets a first pass anyway, which reads its objects.
             self._fresh.discard((kind, scope))
         else:
-            changed = {k for k, v in listed.items() if known.get(k) != v} | (known.keys() - listed.keys())
+            changed = {k for k, v in listed.items() if k not in known or known[k] != v} | vanished
             for key in sorted(changed):
                 self.reconciler.poke(kind, *key)
         for key in known:
