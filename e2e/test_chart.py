@@ -60,6 +60,7 @@ EVERYTHING_ON: dict[str, Any] = {
         "extraEgress": [{"to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}], "ports": [{"port": 3128}]}],
     },
     "podDisruptionBudget": {"enabled": True},
+    "grafanaDashboard": {"enabled": True, "labels": {"release": "prometheus"}},
     "proxy": {"httpsProxy": "http://proxy.corp.example:3128", "noProxy": ".svc,.cluster.local"},
     "extraCaBundle": {"enabled": True, "configMapName": "corp-ca"},
     "commonLabels": {"team": "mail"},
@@ -556,6 +557,7 @@ def test_everything_on_renders_objects_accepted_by_the_api_server(plane: Plane) 
         "poddisruptionbudget.policy/smtp-smtp-oauth-operator created",
         "kopfpeering.kopf.dev/smtp-smtp-oauth-operator created",
         "role.rbac.authorization.k8s.io/smtp-smtp-oauth-operator created",
+        "configmap/smtp-smtp-oauth-operator-dashboard created",
     ):
         assert created in out, out
 
