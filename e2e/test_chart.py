@@ -184,12 +184,20 @@ def crd_installed(plane: Plane) -> None:
 class Operator:
     """The operator as a process, authenticated with a kubeconfig holding a ServiceAccount token."""
 
-    def __init__(self, plane: Plane, kubeconfig: Path, args: list[str], name: str) -> None:
+    def __init__(
+        self,
+        plane: Plane,
+        kubeconfig: Path,
+        args: list[str],
+        name: str,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
         self.health_port = free_port()
         self.log_path = plane.tmp / f"{name}.log"
         self._log = self.log_path.open("wb")
         env = operator_env({k: v for k, v in os.environ.items() if k not in {"HTTPS_PROXY", "https_proxy"}})
         env["KUBECONFIG"] = str(kubeconfig)
+        env.update(extra_env or {})
         self.proc = subprocess.Popen(
             [
                 *OPERATOR_CMD,
@@ -247,10 +255,12 @@ class Operator:
 def run_operator(plane: Plane) -> Iterator[Any]:
     started: list[Operator] = []
 
-    def start(namespace: str, service_account: str, args: list[str], name: str) -> Operator:
+    def start(
+        namespace: str, service_account: str, args: list[str], name: str, env: Mapping[str, str] | None = None
+    ) -> Operator:
         token = plane.cp.token_for(namespace, service_account, duration=3600)
         kubeconfig = plane.cp.kubeconfig_for_token(token, plane.tmp / f"{name}.kubeconfig")
-        operator = Operator(plane, kubeconfig, args, name)
+        operator = Operator(plane, kubeconfig, args, name, env)
         started.append(operator)
         operator.wait_healthy()
         return operator
@@ -930,7 +940,17 @@ def test_relay_rbac_is_read_only_sufficient_and_exactly_what_the_relay_uses(
     plane.ensure_namespace(watched)
     plane.helm("install", release, str(CHART), "-n", namespace, "--create-namespace",
                "--set", "crds.enabled=false", "--set", "relay.enabled=true")  # fmt: skip
-    run_operator(namespace, "relay-smtp-oauth-operator", ["--all-namespaces"], "relay-operator")
+    # The operator runs with the environment the chart gives its Deployment (the relay's endpoint).
+    (deployment,) = [
+        d
+        for d in plane.get_json("deployment", "-n", namespace)["items"]
+        if d["metadata"]["name"] == "relay-smtp-oauth-operator"
+    ]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    chart_env = {e["name"]: e["value"] for e in container["env"] if e["name"].startswith("SMTPOAUTH_")}
+    endpoint = f"relay-smtp-oauth-operator-relay.{namespace}.svc:587"
+    assert chart_env == {"SMTPOAUTH_RELAY_ENDPOINT": endpoint}
+    run_operator(namespace, "relay-smtp-oauth-operator", ["--all-namespaces"], "relay-operator", chart_env)
 
     relay_sa = "relay-smtp-oauth-operator-relay"
     # The generated certificate: a kubernetes.io/tls Secret whose ca.crt is what clients trust.
@@ -962,6 +982,10 @@ def test_relay_rbac_is_read_only_sufficient_and_exactly_what_the_relay_uses(
         "wait", "--for=condition=Ready", "smtpoauthconfig/mail", "-n", watched, "--timeout=90s", check=False
     )
     assert wait.returncode == 0, wait.stderr
+    # kubectl get -o wide shows where the applications send (the Relay column, status.relay.endpoint).
+    wide = plane.kubectl("get", "smtpoauth", "mail", "-n", watched, "-o", "wide").stdout
+    header, row = wide.splitlines()[:2]
+    assert row[header.index(" RELAY ") + 1 :].split()[0] == endpoint, wide  # columns are aligned
 
     token = plane.cp.token_for(namespace, relay_sa, duration=3600)
     kubeconfig = plane.cp.kubeconfig_for_token(token, plane.tmp / "relay.kubeconfig")

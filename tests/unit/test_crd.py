@@ -215,6 +215,7 @@ def test_status_fields() -> None:
         "appCredentials": "array",
         "renewal": "object",
         "testMessageTrigger": "string",
+        "relay": "object",
     }
     assert {k: v["type"] for k, v in props.items()} == expected
     for name in ("lastTestTime", "nextTestTime", "clientSecretExpiresAt"):
@@ -223,6 +224,8 @@ def test_status_fields() -> None:
     assert set(props["alarmHistory"]["items"]["properties"]) == {"type", "thresholdDays", "time", "message"}
     assert {"type", "thresholdDays", "time"} <= set(props["lastAlarm"]["properties"])
     assert props["lastAlarm"]["properties"]["sending"]["type"] == "boolean"
+    assert set(props["relay"]["properties"]) == {"endpoint"}
+    assert props["relay"]["properties"]["endpoint"]["maxLength"] == 260
 
 
 def test_printer_columns() -> None:
@@ -239,7 +242,7 @@ def test_printer_columns() -> None:
         ("Username", "string", ".spec.username", 1),
         ("SMTP", "string", ".status.smtpEndpoint", 1),
         ("Last Test", "date", ".status.lastTestTime", 1),
-        ("Relay", "boolean", ".spec.relay.enabled", 1),
+        ("Relay", "string", ".status.relay.endpoint", 1),
         ("Message", "string", f"{ready}.message", 1),
     ]
 

@@ -223,3 +223,18 @@ def test_an_alarm_e_mail_interrupted_while_sending_is_not_sent_again() -> None:
     again = decide(after.status, observe(later + timedelta(minutes=5), tested=False))
     assert again.alarm is None
     assert "AlarmNotificationUnknown" not in reasons(again)
+
+
+def test_relay_endpoint_is_in_status_only_while_given_and_goes_when_not() -> None:
+    endpoint = "smtp-smtp-oauth-operator-relay.mail-system.svc:587"
+    relayed = decide(None, replace(observe(), relay_endpoint=endpoint))
+    assert relayed.status["relay"] == {"endpoint": endpoint}
+    # A later pass with nothing new keeps it as it is (no write of its own).
+    again = decide(
+        relayed.status, replace(observe(T0 + timedelta(minutes=5), tested=False), relay_endpoint=endpoint)
+    )
+    assert again.status["relay"] == {"endpoint": endpoint}
+    # Relay disabled in the spec (or not installed): the field goes, whatever the previous status held.
+    disabled = decide(again.status, observe(T0 + timedelta(minutes=10), tested=False))
+    assert "relay" not in disabled.status
+    assert "relay" not in decide(None, observe()).status

@@ -85,6 +85,7 @@ class Observation:
     discovery_enabled: bool = False  # spec.identity.discovery.graph
     discovery: Discovery | None = None  # None: Graph not read this pass (the credential is unresolved)
     typed_expires_at: datetime | None = None  # expiresAt / expiresAtKey, to compare with Graph's
+    relay_endpoint: str | None = None  # spec.relay enabled and the operator knows the relay's endpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,6 +447,10 @@ def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
     if obs.next_test_time is not None:
         status["nextTestTime"] = timestamp(obs.next_test_time)
     status["consecutiveFailures"] = obs.consecutive_failures
+    # Where applications send (kubectl get -o wide): decided per pass like the rest, so it costs no
+    # write of its own, and is dropped with spec.relay (the reconciler patches a dropped key to null).
+    if obs.relay_endpoint:
+        status["relay"] = {"endpoint": obs.relay_endpoint}
 
     # 6. Events on transitions of Ready and of the protection verdict, not on every pass.
     old_ready = _find(prev_conditions, ConditionType.READY)

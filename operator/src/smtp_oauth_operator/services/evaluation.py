@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from smtp_oauth_operator.clients.identity import TokenProvider
+from smtp_oauth_operator.config import relay_endpoint as relay_endpoint_from_env
 from smtp_oauth_operator.domain import expiry as expiry_maths
 from smtp_oauth_operator.domain.discovery import Discovery
 from smtp_oauth_operator.domain.protection import Protection, assess
@@ -150,9 +151,14 @@ async def evaluate(
     discovery: GraphDiscovery | None = None,
     renewer: Renewer | None = None,
     before_message: Callable[[str], Awaitable[bool]] | None = None,
+    relay_endpoint: str | None = None,
 ) -> Pass:
     """Run one pass; ``force`` tests even when the last test is fresh (the CLI). ``discovery`` holds the
     process's Graph reads (a fresh one, reading at once, when not given).
+
+    ``relay_endpoint`` goes to ``status.relay.endpoint`` of a resource with ``spec.relay.enabled``;
+    None reads it from the environment (``SMTPOAUTH_RELAY_ENDPOINT``, set by the chart when it installs
+    the relay), "" means there is no relay.
 
     Whatever the body holds, the answer is a decision (InvalidSpec for what cannot be used), never an
     exception: a resource the API server accepted must get a status.
@@ -304,6 +310,7 @@ async def evaluate(
         discovery_enabled=spec.discover_graph,
         discovery=discovered,
         typed_expires_at=typed if spec.credential_kind == "ClientSecret" else None,
+        relay_endpoint=_relay_endpoint(spec, relay_endpoint),
     )
     decision = decide(status, observation)
     retry = discovered.retry_at if discovered else None
@@ -316,6 +323,12 @@ async def evaluate(
         step_due = step.next_due
     next_due = min((t for t in (due_at, expiry.next_change, retry, step_due) if t is not None), default=None)
     return Pass(decision, spec, inputs, record, next_due, expires_at)
+
+
+def _relay_endpoint(spec: SmtpOAuthSpec, given: str | None) -> str | None:
+    if spec.relay is None:  # unset or enabled false
+        return None
+    return (relay_endpoint_from_env() if given is None else given) or None
 
 
 def _effective_expiry(
