@@ -90,7 +90,9 @@ async def on_startup(
     metrics.serve(config.metrics_port, config.metrics_address)
     kube = Kube.from_environment()
     tokens = TokenProvider(on_request=metrics.token_request)
-    reconciler = Reconciler(kube, tokens, metrics, workers=config.workers)
+    reconciler = Reconciler(
+        kube, tokens, metrics, workers=config.workers, relay_endpoint=config.relay_endpoint
+    )
     reconciler.start()
     api = ApiConnection(kube.api_client.configuration)
     feed = Feed(api, reconciler, tokens, None if settings.peering.clusterwide else config.namespaces)

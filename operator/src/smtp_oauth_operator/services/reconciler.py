@@ -178,6 +178,7 @@ class Reconciler:
         *,
         workers: int = 8,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        relay_endpoint: str | None = None,
         monotonic: Callable[[], float] | None = None,
         jitter: Callable[[], float] = lambda: random.uniform(0.9, 1.1),  # noqa: S311 - not cryptographic
         pass_deadline: float = PASS_DEADLINE,
@@ -189,6 +190,7 @@ class Reconciler:
         self.discovery = GraphDiscovery()  # Graph reads shared by every resource of an app registration
         self.renewer = Renewer(kube, self.discovery)
         self.clock = clock
+        self.relay_endpoint = relay_endpoint or ""  # the chart's relay Service, shown in status.relay
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
         self._monotonic = monotonic or self._loop.time
@@ -472,6 +474,7 @@ class Reconciler:
             discovery=self.discovery,
             renewer=self.renewer,
             before_message=before_message,
+            relay_endpoint=self.relay_endpoint,
         )
         if self._entries.get(key) is not entry:
             return None  # deleted during the pass: no status, no metric series
