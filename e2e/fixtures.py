@@ -30,6 +30,8 @@ import os
 import re
 import secrets
 import signal
+import smtplib
+import ssl
 import subprocess
 import sys
 import time
@@ -45,6 +47,7 @@ import yaml
 from e2e.controlplane import REPO_ROOT, ControlPlane, free_port
 
 from smtp_oauth_operator.testing.devservers import DEFAULT_MAILBOX, DevServers
+from smtp_oauth_operator.testing.pki import CertificateAuthority, ServerCert
 
 __all__ = [
     "CRD_NAME",
@@ -552,3 +555,89 @@ def new_namespace(control_plane: ControlPlane, dev: Dev, name: str) -> Namespace
         }
     )
     return namespace
+
+
+# --------------------------------------------------------------------------------------------
+# the relay (``smtp-oauth-operator relay`` in cluster mode, watching one namespace)
+
+RELAY_USER = "alertmanager"
+
+
+@pytest.fixture(scope="module")
+def relay_cert(tmp_path_factory: pytest.TempPathFactory) -> ServerCert:
+    ca = CertificateAuthority.create("relay e2e CA")
+    return ca.issue("127.0.0.1", "localhost", directory=tmp_path_factory.mktemp("relay-tls"))
+
+
+class Relay:
+    def __init__(self, cp: ControlPlane, cert: ServerCert, log: Path, namespace: str) -> None:
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.cert = cert
+        self.log = log
+        env = operator_env(cp.env())
+        env["PYTHONUNBUFFERED"] = "1"
+        cmd = [
+            *OPERATOR_CMD,
+            "relay",
+            "-n",
+            namespace,
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--tls-cert",
+            str(cert.cert_file),
+            "--tls-key",
+            str(cert.key_file),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--log-level",
+            "debug",
+        ]
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT), start_new_session=True
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def login(self, password: str) -> tuple[int, bytes]:
+        """The relay's answer to AUTH PLAIN; ``(0, b"")`` while it does not listen yet."""
+        try:
+            smtp = smtplib.SMTP("127.0.0.1", self.port, timeout=10)
+        except OSError:
+            return 0, b""
+        with smtp:
+            smtp.starttls(context=ssl.create_default_context(cafile=str(self.cert.ca_file)))
+            try:
+                return smtp.login(RELAY_USER, password)
+            except smtplib.SMTPAuthenticationError as exc:
+                return exc.smtp_code, exc.smtp_error
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def relay(
+    control_plane: ControlPlane, ns: Namespace, relay_cert: ServerCert, tmp_path: Path
+) -> Iterator[Relay]:
+    proc = Relay(control_plane, relay_cert, tmp_path / "relay.log", ns.name)
+    yield proc
+    rc = proc.stop()
+    out = proc.output()
+    assert "Traceback" not in out, out[-3000:]
+    assert rc == 0, out[-3000:]

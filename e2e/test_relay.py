@@ -11,26 +11,19 @@ when Exchange first answers 4xx, Alertmanager's retry delivers it.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import smtplib
-import ssl
 import subprocess
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from e2e.controlplane import REPO_ROOT, ControlPlane, free_port
-from e2e.fixtures import MAILBOX, OPERATOR_CMD, App, Dev, Namespace, OperatorProcess, operator_env, wait_until
+from e2e.fixtures import MAILBOX, RELAY_USER, App, Dev, Namespace, OperatorProcess, Relay, wait_until
 
-from smtp_oauth_operator.testing.pki import CertificateAuthority, ServerCert
+from smtp_oauth_operator.testing.pki import ServerCert
 
 pytestmark = pytest.mark.e2e
-
-RELAY_USER = "alertmanager"
 
 
 def _alertmanager_bin() -> Path:
@@ -47,86 +40,6 @@ def _alertmanager_bin() -> Path:
 @pytest.fixture(scope="module")
 def alertmanager_bin() -> Path:
     return _alertmanager_bin()
-
-
-@pytest.fixture(scope="module")
-def relay_cert(tmp_path_factory: pytest.TempPathFactory) -> ServerCert:
-    ca = CertificateAuthority.create("relay e2e CA")
-    return ca.issue("127.0.0.1", "localhost", directory=tmp_path_factory.mktemp("relay-tls"))
-
-
-class Relay:
-    def __init__(self, cp: ControlPlane, cert: ServerCert, log: Path, namespace: str) -> None:
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.cert = cert
-        self.log = log
-        env = operator_env(cp.env())
-        env["PYTHONUNBUFFERED"] = "1"
-        cmd = [
-            *OPERATOR_CMD,
-            "relay",
-            "-n",
-            namespace,
-            "--listen",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--tls-cert",
-            str(cert.cert_file),
-            "--tls-key",
-            str(cert.key_file),
-            "--metrics-port",
-            str(self.metrics_port),
-            "--log-level",
-            "debug",
-        ]
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT), start_new_session=True
-            )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def login(self, password: str) -> tuple[int, bytes]:
-        """The relay's answer to AUTH PLAIN; ``(0, b"")`` while it does not listen yet."""
-        try:
-            smtp = smtplib.SMTP("127.0.0.1", self.port, timeout=10)
-        except OSError:
-            return 0, b""
-        with smtp:
-            smtp.starttls(context=ssl.create_default_context(cafile=str(self.cert.ca_file)))
-            try:
-                return smtp.login(RELAY_USER, password)
-            except smtplib.SMTPAuthenticationError as exc:
-                return exc.smtp_code, exc.smtp_error
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
-            return str(resp.read().decode())
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
-
-
-@pytest.fixture
-def relay(
-    control_plane: ControlPlane, ns: Namespace, relay_cert: ServerCert, tmp_path: Path
-) -> Iterator[Relay]:
-    proc = Relay(control_plane, relay_cert, tmp_path / "relay.log", ns.name)
-    yield proc
-    rc = proc.stop()
-    out = proc.output()
-    assert "Traceback" not in out, out[-3000:]
-    assert rc == 0, out[-3000:]
 
 
 def relayed_config(ns: Namespace, dev: Dev, app: App, password: str, name: str = "alerts") -> None:

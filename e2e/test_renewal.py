@@ -13,13 +13,15 @@ import contextlib
 import json
 import os
 import signal
+import smtplib
+import ssl
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msal
 import pytest
 import requests
-from e2e.fixtures import App, Dev, Namespace, OperatorProcess, wait_until
+from e2e.fixtures import MAILBOX, RELAY_USER, App, Dev, Namespace, OperatorProcess, Relay, wait_until
 
 from smtp_oauth_operator.testing.graph import GRAPH_RESOURCE
 from smtp_oauth_operator.testing.idp import EXCHANGE_RESOURCE
@@ -276,4 +278,40 @@ def test_a_second_renewal_never_breaks_the_secret_in_use(
     assert list(passwords) == [second["newKeyId"]]  # the original and the first renewal's both removed
     ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested")
     assert "RenewalFailed" not in reasons
+    _no_leak(dev, ns, operator, "mail")
+
+
+def test_the_relay_follows_a_renewal(
+    ns: Namespace, dev: Dev, operator: OperatorProcess, relay: Relay
+) -> None:
+    """The relay authenticates with the renewed secret once the resource switched: after the old password is
+    removed, a message sent through the relay still reaches Exchange (tokens live 60 s here, so the relay
+    must get a new one with whatever secret it holds)."""
+    app = _renewing_app(dev)
+    dev.idp.set_token_lifetime(app.tenant_id, app.client_id, 60)
+    password = dev.new_secret()
+    ns.secret(app.secret)
+    ns.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/basic-auth",
+            "metadata": {"name": "mail-relay"},
+            "stringData": {"username": RELAY_USER, "password": password},
+        }
+    )
+    spec = _spec(dev, app, grace="2s")
+    spec["relay"] = {"enabled": True, "credentialsSecretRef": {"name": "mail-relay"}}
+    ns.smtp_oauth_config("mail", spec)
+    wait_until(lambda: _renewal(ns).get("phase") == "Done", timeout=90, what="the renewal")
+    assert not _works(dev, app, app.secret)  # the secret the spec names is gone from the app
+    wait_until(lambda: relay.login(password)[0] == 235, timeout=30, what="the relay to serve mail")
+
+    subject = f"after renewal {ns.name}"
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
+        smtp.starttls(context=ssl.create_default_context(cafile=str(relay.cert.ca_file)))
+        smtp.login(RELAY_USER, password)
+        smtp.sendmail(MAILBOX, ["ops@contoso.com"], f"Subject: {subject}\r\n\r\nrenewed\r\n")
+    assert any(m.message["Subject"] == subject for m in dev.messages(app))
+    assert app.secret not in relay.output()
     _no_leak(dev, ns, operator, "mail")

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from smtp_oauth_operator.domain.renewal import owned_secret_name, renewed_spec
 from smtp_oauth_operator.domain.spec import SpecError, parse_long_duration, parse_spec
-from smtp_oauth_operator.services.renewal import owned_secret_name, renewed_spec
 
 CLIENT = "22222222-2222-4222-8222-222222222222"
 

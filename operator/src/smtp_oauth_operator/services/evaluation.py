@@ -22,6 +22,7 @@ from smtp_oauth_operator.domain import expiry as expiry_maths
 from smtp_oauth_operator.domain.discovery import Discovery
 from smtp_oauth_operator.domain.protection import Protection, assess
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason
+from smtp_oauth_operator.domain.renewal import renewed_spec, state_of
 from smtp_oauth_operator.domain.spec import (
     SmtpOAuthSpec,
     SpecError,
@@ -32,7 +33,7 @@ from smtp_oauth_operator.domain.spec import (
 from smtp_oauth_operator.domain.status import ConnectionTestResult, Decision, Observation, decide
 from smtp_oauth_operator.services.connection import Inputs, ObjectSource, resolve, run
 from smtp_oauth_operator.services.discovery import GraphDiscovery
-from smtp_oauth_operator.services.renewal import Renewer, renewed_spec
+from smtp_oauth_operator.services.renewal import Renewer
 
 __all__ = ["TEST_MESSAGE_TRIGGER", "Pass", "backoff", "evaluate"]
 
@@ -215,8 +216,7 @@ async def evaluate(
         return Pass(decide(status, observation), None, None, record, None)
 
     # Once a renewal has switched, the credential is the operator's own Secret (services/renewal.py).
-    renewal_state = status.get("renewal")
-    spec = renewed_spec(spec, renewal_state if isinstance(renewal_state, Mapping) else None)
+    spec = renewed_spec(spec, state_of(body))
     secret_name = f"{namespace}/{spec.credential_secret or '-'}"
     inputs: Inputs | None = None
     record = None

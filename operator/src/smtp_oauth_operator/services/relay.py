@@ -46,6 +46,7 @@ from smtp_oauth_operator.domain.relay import (
     one_line,
     upstream_answer,
 )
+from smtp_oauth_operator.domain.renewal import renewed_spec, state_of
 from smtp_oauth_operator.domain.spec import GROUP, KIND, RelaySpec, SmtpOAuthSpec, SpecError, parse_spec
 from smtp_oauth_operator.services.connection import Inputs, resolve, smtp_target, token_request
 from smtp_oauth_operator.services.evaluation import evaluate
@@ -119,6 +120,8 @@ async def build_route(
         spec = parse_spec(body.get("spec"))
     except SpecError as exc:
         raise RouteError(f"{namespace}/{name}: invalid spec: {exc}") from None
+    # After a renewal switched, the spec's own Secret holds a credential about to be removed.
+    spec = renewed_spec(spec, state_of(body))
     if spec.relay is None:
         return None
     secret_name = spec.relay.credentials_secret

@@ -20,6 +20,7 @@ from typing import Any
 from smtp_oauth_operator.clients.kube import Kube, KubeUnavailable
 from smtp_oauth_operator.clients.watching import SECRETS, ApiConnection, Informer, Kind
 from smtp_oauth_operator.domain.reasons import CheckFailed
+from smtp_oauth_operator.domain.renewal import renewed_spec, state_of
 from smtp_oauth_operator.domain.spec import GROUP, KIND, PLURAL, VERSION, SpecError, parse_spec
 from smtp_oauth_operator.services.relay import RelayInputError, Route, RouteError, Routes, build_route
 
@@ -56,7 +57,7 @@ def _key(obj: Mapping[str, Any]) -> Key:
 def _secrets_of(body: Mapping[str, Any]) -> set[Key]:
     namespace = _key(body)[0]
     try:
-        spec = parse_spec(body.get("spec"))
+        spec = renewed_spec(parse_spec(body.get("spec")), state_of(body))
     except SpecError:
         return set()
     names = {spec.credential_secret} if spec.credential_secret is not None else set()

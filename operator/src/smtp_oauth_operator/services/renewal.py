@@ -23,7 +23,6 @@ Nothing here writes status; it returns the new ``status.renewal`` and the Events
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,7 +35,8 @@ from smtp_oauth_operator.clients.identity import TokenProvider
 from smtp_oauth_operator.clients.kube import Kube
 from smtp_oauth_operator.domain.discovery import Discovery
 from smtp_oauth_operator.domain.reasons import CheckFailed, Reason
-from smtp_oauth_operator.domain.spec import KeyRef, SmtpOAuthSpec, parse_time
+from smtp_oauth_operator.domain.renewal import OWNED_KEY, owned_secret_name, renewed_spec
+from smtp_oauth_operator.domain.spec import SmtpOAuthSpec, parse_time
 from smtp_oauth_operator.domain.status import Event, timestamp
 from smtp_oauth_operator.services.connection import (
     Inputs,
@@ -48,41 +48,12 @@ from smtp_oauth_operator.services.connection import (
 )
 from smtp_oauth_operator.services.discovery import GraphDiscovery
 
-__all__ = ["OWNED_KEY", "Renewer", "Step", "owned_secret_name", "renewed_spec"]
+__all__ = ["Renewer", "Step"]
 
-OWNED_KEY = "client-secret"
 INTENT_ANNOTATION = "smtpoauth.dev/renewal-intent"
 KEY_ID_ANNOTATION = "smtpoauth.dev/renewal-key-id"
 RETRY = timedelta(seconds=30)
 NEXT_STEP = timedelta(seconds=1)
-SWITCHED = frozenset({"Active", "Removing", "Done"})
-
-
-def owned_secret_name(resource: str, *, other_than: str | None = None) -> str:
-    """``{name}-renewed``, or ``{name}-renewed-b`` when the first one holds the secret in use (a second
-    renewal must not overwrite the value the resource still authenticates with)."""
-    base = (
-        resource
-        if len(resource) <= 236
-        else f"{resource[:227]}-{hashlib.sha256(resource.encode()).hexdigest()[:8]}"
-    )
-    name = f"{base}-renewed"
-    return f"{name}-b" if name == other_than else name
-
-
-def renewed_spec(spec: SmtpOAuthSpec, state: Mapping[str, Any] | None) -> SmtpOAuthSpec:
-    """The spec the resource is tested with: once switched, the operator's own Secret (whose date Graph knows);
-    during a later renewal, the renewed Secret still in use (``fromSecret``) until the next switch."""
-    if spec.renewal is None or not state:
-        return spec
-    if state.get("phase") in SWITCHED and state.get("secretName"):
-        name = str(state["secretName"])
-    elif state.get("fromSecret"):
-        name = str(state["fromSecret"])
-    else:
-        return spec
-    ref = KeyRef("Secret", name, OWNED_KEY)
-    return dataclasses.replace(spec, secret_ref=ref, expires_at=None, expires_at_key=None)
 
 
 def _label(intent: str) -> str:

@@ -1,0 +1,54 @@
+"""Which Secret a resource under renewal authenticates with (pure; services/renewal.py takes the steps).
+
+The operator, the relay and the connection test must all agree on it, so it is decided here from
+``spec`` and ``status.renewal`` alone: before the first switch the spec's own Secret, after it the
+operator's Secret (``{name}-renewed``), during a later renewal the renewed Secret still in use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+from smtp_oauth_operator.domain.spec import KeyRef, SmtpOAuthSpec
+
+__all__ = ["OWNED_KEY", "SWITCHED", "owned_secret_name", "renewed_spec", "state_of"]
+
+OWNED_KEY = "client-secret"
+SWITCHED = frozenset({"Active", "Removing", "Done"})
+
+
+def owned_secret_name(resource: str, *, other_than: str | None = None) -> str:
+    """``{name}-renewed``, or ``{name}-renewed-b`` when the first one holds the secret in use (a second
+    renewal must not overwrite the value the resource still authenticates with)."""
+    base = (
+        resource
+        if len(resource) <= 236
+        else f"{resource[:227]}-{hashlib.sha256(resource.encode()).hexdigest()[:8]}"
+    )
+    name = f"{base}-renewed"
+    return f"{name}-b" if name == other_than else name
+
+
+def renewed_spec(spec: SmtpOAuthSpec, state: Mapping[str, Any] | None) -> SmtpOAuthSpec:
+    """The spec the resource is tested with: once switched, the operator's own Secret (whose date Graph knows);
+    during a later renewal, the renewed Secret still in use (``fromSecret``) until the next switch."""
+    if spec.renewal is None or not state:
+        return spec
+    if state.get("phase") in SWITCHED and state.get("secretName"):
+        name = str(state["secretName"])
+    elif state.get("fromSecret"):
+        name = str(state["fromSecret"])
+    else:
+        return spec
+    ref = KeyRef("Secret", name, OWNED_KEY)
+    return dataclasses.replace(spec, secret_ref=ref, expires_at=None, expires_at_key=None)
+
+
+def state_of(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """``status.renewal`` of a resource body, when it has one."""
+    status = body.get("status")
+    state = status.get("renewal") if isinstance(status, Mapping) else None
+    return state if isinstance(state, Mapping) else None
