@@ -145,6 +145,9 @@ def test_renewal_survives_a_sigkill_after_every_step(
     ):
         assert reason in reasons, reasons
     assert "RenewalFailed" not in reasons
+    renewal = ns.condition(ns.config("mail"), "Renewal")
+    assert renewal is not None
+    assert (renewal["status"], renewal["reason"]) == ("True", "Renewed")
     _no_leak(dev, ns, operator, "mail")
 
 
@@ -246,6 +249,10 @@ def test_renewal_without_write_permission_fails_named_and_ready_stays(
     assert state["phase"] == "Adding"
     assert state["lastFailure"]["step"] == "addPassword"
     assert state["lastFailure"]["reason"] == "GraphAccessDenied"
+    renewal = ns.condition(ns.config("mail"), "Renewal")
+    assert renewal is not None
+    assert (renewal["status"], renewal["reason"]) == ("False", "RenewalFailed")
+    assert "addPassword" in renewal["message"]
     ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested")
     assert [n for n in _passwords(dev, app).values() if n.startswith("smtp-oauth-operator")] == []
     _no_leak(dev, ns, operator, "mail")

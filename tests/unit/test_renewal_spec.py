@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from smtp_oauth_operator.domain.renewal import owned_secret_name, renewed_spec
+from smtp_oauth_operator.domain.reasons import Reason
+from smtp_oauth_operator.domain.renewal import condition, owned_secret_name, renewed_spec
 from smtp_oauth_operator.domain.spec import SpecError, parse_long_duration, parse_spec
 
 CLIENT = "22222222-2222-4222-8222-222222222222"
@@ -94,3 +95,17 @@ def test_owned_secret_name_fits() -> None:
     assert len(long) <= 253
     assert long.endswith("-renewed")
     assert long != owned_secret_name("a" * 252 + "b")
+
+
+def test_the_renewal_condition_names_a_failing_step_and_clears_once_it_passes() -> None:
+    failure = {"step": "addPassword", "reason": "GraphAccessDenied", "message": "Graph refused addPassword."}
+    status, reason, message = condition({"phase": "Adding", "lastFailure": failure})
+    assert (status, reason) == ("False", Reason.RENEWAL_FAILED)
+    assert "addPassword" in message and "GraphAccessDenied" in message
+    assert condition({"phase": "Adding"})[:2] == ("Unknown", Reason.RENEWING)
+    assert condition({"phase": "Active", "removeAfter": "2026-01-01T00:00:00Z"})[:2] == (
+        "Unknown",
+        Reason.RENEWING,
+    )
+    assert condition({"phase": "Done", "secretName": "mail-renewed"})[:2] == ("True", Reason.RENEWED)
+    assert condition(None)[:2] == ("True", Reason.RENEWAL_SCHEDULED)

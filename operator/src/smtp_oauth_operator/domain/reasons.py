@@ -31,6 +31,7 @@ class ConditionType(enum.StrEnum):
     CREDENTIAL_EXPIRING = "CredentialExpiring"
     SECRET_PROTECTED = "SecretProtected"
     EXPIRY_DISCOVERED = "ExpiryDiscovered"
+    RENEWAL = "Renewal"
 
 
 class Reason(enum.StrEnum):
@@ -97,6 +98,11 @@ class Reason(enum.StrEnum):
     GRAPH_APPLICATION_NOT_FOUND = "GraphApplicationNotFound"
     GRAPH_THROTTLED = "GraphThrottled"
     GRAPH_UNAVAILABLE = "GraphUnavailable"
+    # renewal through Microsoft Graph (services/renewal.py; the Renewal condition)
+    RENEWAL_SCHEDULED = "RenewalScheduled"
+    RENEWING = "Renewing"
+    RENEWED = "Renewed"
+    RENEWAL_FAILED = "RenewalFailed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +120,18 @@ _M = ConditionType.SMTP_AUTHENTICATED
 _E = ConditionType.CREDENTIAL_EXPIRING
 _P = ConditionType.SECRET_PROTECTED
 _D = ConditionType.EXPIRY_DISCOVERED
+_R = ConditionType.RENEWAL
 
 _INFO: dict[Reason, ReasonInfo] = {
+    Reason.RENEWAL_SCHEDULED: ReasonInfo(_R, transient=False, remedy="Nothing to do."),
+    Reason.RENEWING: ReasonInfo(_R, transient=False, remedy="Nothing to do: one step per pass until done."),
+    Reason.RENEWED: ReasonInfo(_R, transient=False, remedy="Nothing to do."),
+    Reason.RENEWAL_FAILED: ReasonInfo(
+        _R,
+        transient=True,
+        remedy="The message names the step and what refused it (Graph permission, RBAC, the test): fix that "
+        "and the step is retried by itself; the credential in use keeps working meanwhile.",
+    ),
     Reason.CONNECTION_TESTED: ReasonInfo(
         ConditionType.READY, transient=False, remedy="Nothing to do: the configuration works."
     ),

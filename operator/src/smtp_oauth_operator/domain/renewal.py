@@ -12,9 +12,10 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
+from smtp_oauth_operator.domain.reasons import Reason
 from smtp_oauth_operator.domain.spec import KeyRef, SmtpOAuthSpec
 
-__all__ = ["OWNED_KEY", "SWITCHED", "owned_secret_name", "renewed_spec", "state_of"]
+__all__ = ["OWNED_KEY", "SWITCHED", "condition", "owned_secret_name", "renewed_spec", "state_of"]
 
 OWNED_KEY = "client-secret"
 SWITCHED = frozenset({"Active", "Removing", "Done"})
@@ -52,3 +53,37 @@ def state_of(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
     status = body.get("status")
     state = status.get("renewal") if isinstance(status, Mapping) else None
     return state if isinstance(state, Mapping) else None
+
+
+_STEPS = {
+    "Adding": "1/4, adding the new credential",
+    "Testing": "2/4, testing the new credential",
+    "Active": "3/4, switched; the old credential is removed after the grace period",
+    "Removing": "4/4, removing the old credential",
+}
+
+
+def condition(state: Mapping[str, Any] | None) -> tuple[str, Reason, str]:
+    """The Renewal condition (status, reason, message) for ``status.renewal``: False only while a step
+    fails (RenewalFailed, naming the step); renewal never changes Ready, the test of the credential in use
+    decides that."""
+    state = state or {}
+    phase = str(state.get("phase") or "")
+    failure = state.get("lastFailure")
+    if isinstance(failure, Mapping) and phase in _STEPS:
+        return (
+            "False",
+            Reason.RENEWAL_FAILED,
+            f"Renewal step {failure.get('step')} failed ({failure.get('reason')}): {failure.get('message')} "
+            f"Retried by itself; the credential in use is unaffected.",
+        )
+    if phase in _STEPS:
+        return "Unknown", Reason.RENEWING, f"Renewal in progress: step {_STEPS[phase]}."
+    if phase == "Done":
+        return (
+            "True",
+            Reason.RENEWED,
+            f"Renewed at {state.get('switchedAt') or '?'}: the resource uses Secret {state.get('secretName')}; "
+            f"the old credential was removed at {state.get('removedAt') or '?'}.",
+        )
+    return "True", Reason.RENEWAL_SCHEDULED, "Nothing to renew yet: renewal starts renewBefore the expiry."

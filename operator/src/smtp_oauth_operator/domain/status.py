@@ -21,6 +21,7 @@ from smtp_oauth_operator.domain.discovery import Discovery, mismatch
 from smtp_oauth_operator.domain.expiry import ExpiryState, days_phrase, format_date
 from smtp_oauth_operator.domain.protection import Protection
 from smtp_oauth_operator.domain.reasons import CheckFailed, ConditionType, Reason, info
+from smtp_oauth_operator.domain.renewal import condition as renewal_condition
 from smtp_oauth_operator.domain.spec import parse_time
 
 __all__ = [
@@ -86,6 +87,10 @@ class Observation:
     discovery: Discovery | None = None  # None: Graph not read this pass (the credential is unresolved)
     typed_expires_at: datetime | None = None  # expiresAt / expiresAtKey, to compare with Graph's
     relay_endpoint: str | None = None  # spec.relay enabled and the operator knows the relay's endpoint
+    renewal_enabled: bool = False  # spec.identity.clientSecret.renewal
+    renewal: Mapping[str, Any] | None = (
+        None  # the new status.renewal after this pass's step (None: unchanged)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,6 +445,11 @@ def decide(previous: Mapping[str, Any] | None, obs: Observation) -> Decision:
     else:
         for key in ("appCredentials", "expiryMismatch", "expirySource"):
             status.pop(key, None)
+    if obs.renewal is not None:
+        status["renewal"] = dict(obs.renewal)
+    if obs.renewal_enabled:
+        renewal = renewal_condition(status.get("renewal"))
+        conditions.append(_condition(prev_conditions, ConditionType.RENEWAL, *renewal, g, now))
     status["conditions"] = conditions
     status["observedGeneration"] = g
     if obs.handled_recheck is not None:

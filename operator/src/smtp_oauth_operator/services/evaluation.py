@@ -33,7 +33,7 @@ from smtp_oauth_operator.domain.spec import (
 from smtp_oauth_operator.domain.status import ConnectionTestResult, Decision, Observation, decide
 from smtp_oauth_operator.services.connection import Inputs, ObjectSource, resolve, run
 from smtp_oauth_operator.services.discovery import GraphDiscovery
-from smtp_oauth_operator.services.renewal import Renewer
+from smtp_oauth_operator.services.renewal import Renewer, Step
 
 __all__ = ["TEST_MESSAGE_TRIGGER", "Pass", "backoff", "evaluate"]
 
@@ -293,6 +293,9 @@ async def evaluate(
             Reason.PROTECTED,
             "No Secret to protect: workload identity federation stores no credential.",
         )
+    step = Step()
+    if renewer is not None and inputs is not None and spec.renewal is not None:
+        step = await renewer.advance(body, spec, inputs, tokens, discovered, source, now=now)
     observation = Observation(
         generation=generation,
         now=now,
@@ -311,16 +314,13 @@ async def evaluate(
         discovery=discovered,
         typed_expires_at=typed if spec.credential_kind == "ClientSecret" else None,
         relay_endpoint=_relay_endpoint(spec, relay_endpoint),
+        renewal_enabled=spec.renewal is not None,
+        renewal=step.state,
     )
     decision = decide(status, observation)
+    decision.events.extend(step.events)
     retry = discovered.retry_at if discovered else None
-    step_due = None
-    if renewer is not None and inputs is not None and spec.renewal is not None:
-        step = await renewer.advance(body, spec, inputs, tokens, discovered, source, now=now)
-        if step.state is not None:
-            decision.status["renewal"] = step.state
-        decision.events.extend(step.events)
-        step_due = step.next_due
+    step_due = step.next_due
     next_due = min((t for t in (due_at, expiry.next_change, retry, step_due) if t is not None), default=None)
     return Pass(decision, spec, inputs, record, next_due, expires_at)
 
