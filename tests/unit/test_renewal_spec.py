@@ -101,7 +101,8 @@ def test_the_renewal_condition_names_a_failing_step_and_clears_once_it_passes() 
     failure = {"step": "addPassword", "reason": "GraphAccessDenied", "message": "Graph refused addPassword."}
     status, reason, message = condition({"phase": "Adding", "lastFailure": failure})
     assert (status, reason) == ("False", Reason.RENEWAL_FAILED)
-    assert "addPassword" in message and "GraphAccessDenied" in message
+    assert "addPassword" in message
+    assert "GraphAccessDenied" in message
     assert condition({"phase": "Adding"})[:2] == ("Unknown", Reason.RENEWING)
     assert condition({"phase": "Active", "removeAfter": "2026-01-01T00:00:00Z"})[:2] == (
         "Unknown",
