@@ -198,8 +198,16 @@ async def test_the_app_rolls_its_own_keys_without_any_graph_role(world: World) -
         for t, k in world.idp.app_record(TENANT, CLIENT).key_meta.items()
         if k.key_id != added["keyId"]
     )
-    await remove_key(read, old_key_id, proof)
+    # Addressed by object ID this time, as Graph allows.
+    removed = world.session.post(
+        f"{world.graph.base_url}/v1.0/applications/{world.object_id}/removeKey",
+        json={"keyId": old_key_id, "proof": proof},
+        headers={"Authorization": f"Bearer {read.token}"},
+        timeout=10,
+    )
+    assert removed.status_code == 204, removed.text
     assert world.token(world.old, EXCHANGE_SCOPE).get("error_codes") == [700027]
+    assert world.graph.requests["removeKey"] == 1
 
 
 def _bad_proof(world: World, case: str) -> str:

@@ -15,8 +15,8 @@ Served (HTTPS on 127.0.0.1, a free port):
   ``POST …/removePassword`` (``{"keyId"}`` → 204);
 * ``POST …/addKey`` (``{"keyCredential": {"type": "AsymmetricX509Cert", "usage": "Verify", "key":
   <base64 DER>, "displayName"?}, "passwordCredential": null, "proof": <JWT>}`` → 200 with the
-  keyCredential as the listing shows it: a new ``keyId``, ``customKeyIdentifier`` the SHA-1 thumbprint,
-  start/end the certificate's validity, ``key`` null) and ``POST …/removeKey`` (``{"keyId", "proof"}`` →
+  keyCredential as the listing shows it: a new ``keyId``, ``customKeyIdentifier`` the SHA-1 thumbprint
+  (base64 of the digest, like every listed certificate), ``displayName`` (default: the subject), start/end the certificate's validity, ``key`` null) and ``POST …/removeKey`` (``{"keyId", "proof"}`` →
   204). The certificate is registered in (removed from) the shared directory, so MSAL with it gets
   (no longer gets) a token.
 
@@ -260,7 +260,7 @@ class FakeGraph:
     @property
     def requests(self) -> dict[str, int]:
         """Requests that passed authentication and authorization, per operation (``read``,
-        ``addPassword``, ``removePassword``, ``addKey``, ``removeKey``)."""
+        ``addPassword``, ``removePassword``, ``addKey``, ``removeKey``; a refused proof still counts)."""
         with self._lock:
             return dict(self._requests)
 
