@@ -6,15 +6,22 @@ one token can not carry both Graph's and Exchange's audience). requests is synch
 runs in a thread; it trusts the same anchors as the token request (the system's plus
 spec.identity.caBundle) and goes through the same proxy, never through environment variables.
 
+Renewal writes: addPassword/removePassword (Application.ReadWrite.OwnedBy as an owner of the app), and
+for a certificate addKey/removeKey, which need no permission when the app rolls its own keys (its own
+token) but carry a proof of possession (domain.credentials.proof_of_possession) signed with a
+certificate already registered on the app.
+
 Graph's errors are ``{"error": {"code", "message", "innerError": {…}}}``: 403
 ``Authorization_RequestDenied`` (a missing permission), 404 ``Request_ResourceNotFound`` (no such
-application in the tenant), 429 ``TooManyRequests`` with ``Retry-After``. Each becomes a reason of the
+application in the tenant), 429 ``TooManyRequests`` with ``Retry-After``, and for addKey/removeKey 401
+``Authentication_MissingOrMalformed`` (the proof was refused). Each becomes a reason of the
 ExpiryDiscovered condition; nothing here decides Ready.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,9 +33,10 @@ from smtp_oauth_operator.clients.identity import _trust, _TrustAdapter
 from smtp_oauth_operator.domain.reasons import CheckFailed, Reason
 from smtp_oauth_operator.domain.redact import quote_reply
 
-__all__ = ["GraphRead", "add_password", "read_application", "remove_password"]
+__all__ = ["GraphRead", "add_key", "add_password", "read_application", "remove_key", "remove_password"]
 
 SELECT = "id,passwordCredentials,keyCredentials"
+_KEY_ACTIONS = frozenset({"addKey", "removeKey"})
 _MAX_BODY = 4 << 20  # 64 credentials of an app are some 30 KB; a page of that size is not Graph
 
 
@@ -67,9 +75,41 @@ async def remove_password(read: GraphRead, key_id: str) -> None:
     await asyncio.to_thread(_request_sync, read, "POST", "/removePassword", {"keyId": key_id})
 
 
-def _request_sync(read: GraphRead, method: str, action: str, body: dict[str, Any] | None) -> dict[str, Any]:
+async def add_key(read: GraphRead, certificate_der: bytes, display_name: str, proof: str) -> dict[str, Any]:
+    """``POST …/addKey``: register a certificate (its public part only) on the app; returns the new
+    keyCredential (``keyId``, ``customKeyIdentifier`` = SHA-1 thumbprint, validity dates). ``proof``
+    (domain.credentials.proof_of_possession) is signed with a certificate the app already has; with the
+    app's own token no Graph permission is needed."""
+    body = {
+        "keyCredential": {
+            "type": "AsymmetricX509Cert",
+            "usage": "Verify",
+            "key": base64.b64encode(certificate_der).decode("ascii"),
+            "displayName": display_name,
+        },
+        "passwordCredential": None,
+        "proof": proof,
+    }
+    return await asyncio.to_thread(_request_sync, read, "POST", "/addKey", body, (proof,))
+
+
+async def remove_key(read: GraphRead, key_id: str, proof: str) -> None:
+    """``POST …/removeKey`` (204), with a proof signed by a certificate that stays registered (or the one
+    removed, while it is still valid)."""
+    await asyncio.to_thread(
+        _request_sync, read, "POST", "/removeKey", {"keyId": key_id, "proof": proof}, (proof,)
+    )
+
+
+def _request_sync(
+    read: GraphRead,
+    method: str,
+    action: str,
+    body: dict[str, Any] | None,
+    conceal: tuple[str, ...] = (),
+) -> dict[str, Any]:
     host = urlsplit(read.graph_host).netloc
-    hidden = (read.token, *read.secrets)
+    hidden = (read.token, *read.secrets, *conceal)
     with requests.Session() as session:
         session.trust_env = False  # HTTPS_PROXY and REQUESTS_CA_BUNDLE would override the spec
         session.mount("https://", _TrustAdapter(_trust(read.ca_pem or "")))
@@ -135,6 +175,21 @@ def _failure(
         what = action or "the read"
         return CheckFailed(
             Reason.GRAPH_THROTTLED, f"Microsoft Graph throttled {what} (HTTP 429){after}", retry_after=delay
+        )
+    if status == 401 and action in _KEY_ACTIONS and code != "InvalidAuthenticationToken":
+        return CheckFailed(
+            Reason.GRAPH_ACCESS_DENIED,
+            f"Microsoft Graph refused the proof of possession for {action} on app {read.app_id} "
+            f"(HTTP 401{said}): the proof must be signed with a certificate that is still registered on the "
+            "app and not expired, and its iss must be the application's object ID (not the appId); if the "
+            "certificate in use was removed or has expired, register the new one in the portal once",
+        )
+    if status == 403 and action in _KEY_ACTIONS:
+        return CheckFailed(
+            Reason.GRAPH_ACCESS_DENIED,
+            f"Microsoft Graph refused {action} on app {read.app_id} (HTTP 403{said}): an app rolls its own "
+            "keys with no Graph permission when it calls with its own token; any other caller needs the "
+            "application permission Application.ReadWrite.OwnedBy as an owner of the app",
         )
     if status in (401, 403) and action:
         return CheckFailed(

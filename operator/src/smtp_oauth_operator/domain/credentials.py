@@ -7,22 +7,35 @@ only, so an EC key is refused here with that explanation rather than by Entra ID
 
 The expiry of a certificate is its ``notAfter``; the thumbprints are what Entra ID's portal shows.
 Nothing here ever puts key material into a message, a ``repr`` or an exception.
+
+A renewed certificate is registered on the app with Graph's addKey, which needs no Graph permission when
+the app calls it for itself but wants a *proof of possession*: a short JWT signed with a certificate the
+app already has (:func:`proof_of_possession`).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-__all__ = ["CertificateCredential", "CertificateError", "parse_certificate"]
+__all__ = [
+    "POP_AUDIENCE",
+    "POP_LIFETIME",
+    "CertificateCredential",
+    "CertificateError",
+    "parse_certificate",
+    "proof_of_possession",
+]
 
 _CERT_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
@@ -121,3 +134,56 @@ def parse_certificate(cert_pem: str, key_pem: str) -> CertificateCredential:
         not_before=leaf.not_valid_before_utc.astimezone(UTC),
         not_after=leaf.not_valid_after_utc.astimezone(UTC),
     )
+
+
+POP_AUDIENCE = "00000002-0000-0000-c000-000000000000"
+"""``aud`` of an addKey/removeKey proof: the (Azure AD Graph) application ID Microsoft's sample uses."""
+
+POP_LIFETIME = timedelta(minutes=10)
+"""Graph accepts a proof whose ``exp`` is at most 10 minutes after its ``nbf``."""
+
+
+def proof_of_possession(
+    *, object_id: str, private_key_pem: bytes, certificate_der: bytes, now: datetime
+) -> str:
+    """The JWT that Graph's ``addKey``/``removeKey`` want as ``proof``: RS256, signed with the private key
+    of ``certificate_der`` (a certificate already registered on the app and not expired), named by its
+    ``x5t`` header; ``aud`` :data:`POP_AUDIENCE`, ``iss`` the application's *object* ID (``id``, not
+    ``appId``), ``nbf`` now and ``exp`` :data:`POP_LIFETIME` later.
+
+    Raises CertificateError (whose message never holds key material) when the key cannot sign or does
+    not belong to the certificate.
+    """
+    try:
+        certificate = x509.load_der_x509_certificate(certificate_der)
+    except ValueError:
+        raise CertificateError("the signing certificate is not a DER X.509 certificate") from None
+    try:
+        key = _load_key(private_key_pem)
+    except Exception:  # cryptography's errors say nothing useful and must never carry the key
+        raise CertificateError("the signing key is not a readable unencrypted PEM private key") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise CertificateError("the signing key is not an RSA key; Graph verifies the proof as RS256")
+    der = serialization.Encoding.DER
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(der, spki) != certificate.public_key().public_bytes(der, spki):
+        raise CertificateError("the signing key does not belong to the signing certificate")
+    sha1 = certificate.fingerprint(hashes.SHA1())  # noqa: S303 - x5t is defined as the SHA-1 thumbprint
+    start = int(now.timestamp())
+    claims = {
+        "aud": POP_AUDIENCE,
+        "iss": object_id,
+        "nbf": start,
+        "exp": start + int(POP_LIFETIME.total_seconds()),
+    }
+    try:
+        return jwt.encode(
+            claims,
+            key,
+            algorithm="RS256",
+            headers={"x5t": base64.urlsafe_b64encode(sha1).rstrip(b"=").decode("ascii")},
+        )
+    except Exception:
+        raise CertificateError(
+            "the proof of possession could not be signed with the certificate's key"
+        ) from None

@@ -12,16 +12,41 @@ Served (HTTPS on 127.0.0.1, a free port):
 * ``GET /v1.0/applications(appId='{appId}')`` and ``GET /v1.0/applications/{id}`` with ``$select``;
 * ``POST …/addPassword`` (``{"passwordCredential": {"displayName", "endDateTime"}}`` → 200 with the
   passwordCredential including ``secretText``, the only time a value is ever returned) and
-  ``POST …/removePassword`` (``{"keyId"}`` → 204).
+  ``POST …/removePassword`` (``{"keyId"}`` → 204);
+* ``POST …/addKey`` (``{"keyCredential": {"type": "AsymmetricX509Cert", "usage": "Verify", "key":
+  <base64 DER>, "displayName"?}, "passwordCredential": null, "proof": <JWT>}`` → 200 with the
+  keyCredential as the listing shows it: a new ``keyId``, ``customKeyIdentifier`` the SHA-1 thumbprint
+  (base64 of the digest, like every listed certificate), ``displayName`` (default: the subject), start/end the certificate's validity, ``key`` null) and ``POST …/removeKey`` (``{"keyId", "proof"}`` →
+  204). The certificate is registered in (removed from) the shared directory, so MSAL with it gets
+  (no longer gets) a token.
 
 Permissions as Graph checks them (application permissions in the token's ``roles``): reading needs
 Application.Read.All (or Application.ReadWrite.All, Directory.Read.All, or Application.ReadWrite.OwnedBy
 on an application the caller owns); adding and removing passwords need Application.ReadWrite.All or
-Application.ReadWrite.OwnedBy as an owner. Errors use Graph's shape
+Application.ReadWrite.OwnedBy as an owner. addKey and removeKey need no role when the token is the
+app's own ("an application does not need any specific permission to roll its own keys"); any other
+caller needs what addPassword needs.
+
+The proof of possession of addKey/removeKey (Graph's "application-rollkey-prooftoken"): a JWT signed
+RS256 with the private key of a certificate currently registered on the app and valid now, named by its
+``x5t`` header (base64url SHA-1 of the DER; ``x5t#S256`` is accepted too), with ``aud``
+:data:`POP_AUDIENCE`, ``iss`` the application's *object* ID (not its appId), ``nbf``/``exp`` around now
+(5 minutes of clock skew, IdentityModel's default) and at most 10 minutes apart. Any failure is 401
+``Authentication_MissingOrMalformed`` "Access Token missing or malformed." — what real Graph answers
+(microsoftgraph/microsoft-graph-docs issues 10686 and 22076), whatever the cause; the cause is kept
+in :attr:`FakeGraph.proof_refusals` for tests. An application with no valid certificate at all cannot
+prove possession, so it gets the same 401 (Graph documents that such an app cannot use addKey, not the
+status it answers). The checks run after the bearer token and the permission, and after the body's
+shape (malformed body or ``key`` → 400); a certificate already registered (same thumbprint) or already
+expired → 400 ``Request_BadRequest`` (real Graph's wording of those two is not known; ours says what
+is wrong); an unknown keyId to removeKey → 400 as for removePassword.
+
+Errors use Graph's shape
 ``{"error": {"code", "message", "innerError": {"date", "request-id", "client-request-id"}}}``:
-401 ``InvalidAuthenticationToken``, 403 ``Authorization_RequestDenied``, 404
-``Request_ResourceNotFound``, 429 ``TooManyRequests`` with ``Retry-After``. ``throttle()`` and
-``deny()`` inject the last two regardless of the request.
+401 ``InvalidAuthenticationToken`` (the bearer token), 401 ``Authentication_MissingOrMalformed`` (the
+proof), 403 ``Authorization_RequestDenied``, 404 ``Request_ResourceNotFound``, 429 ``TooManyRequests``
+with ``Retry-After``. ``throttle()`` and ``deny()`` inject the last two regardless of the request
+(addKey and removeKey are writes).
 """
 
 from __future__ import annotations
@@ -40,12 +65,14 @@ from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import jwt
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from smtp_oauth_operator.testing.idp import FakeEntraID, PasswordMeta, _App, _Handler, _Server
+from smtp_oauth_operator.testing.idp import FakeEntraID, PasswordMeta, _App, _Handler, _Server, _unb64url
 from smtp_oauth_operator.testing.pki import ServerCert
 
-__all__ = ["GRAPH_RESOURCE", "READ_ROLES", "FakeGraph"]
+__all__ = ["GRAPH_RESOURCE", "POP_AUDIENCE", "READ_ROLES", "FakeGraph"]
 
 GRAPH_RESOURCE = "https://graph.microsoft.com"
 """Microsoft Graph's resource (token audience) in the public cloud."""
@@ -55,9 +82,17 @@ READ_ROLES = frozenset(
 )
 _WRITE_ROLES = frozenset({"Application.ReadWrite.All"})
 _OWNED_BY = "Application.ReadWrite.OwnedBy"
+_KEY_ACTIONS = frozenset({"addKey", "removeKey"})
 
-_BY_APP_ID = re.compile(r"^/v1\.0/applications\(appId='([^']*)'\)(?:/(addPassword|removePassword))?$")
-_BY_ID = re.compile(r"^/v1\.0/applications/([^/()]+)(?:/(addPassword|removePassword))?$")
+POP_AUDIENCE = "00000002-0000-0000-c000-000000000000"
+"""The ``aud`` of an addKey/removeKey proof of possession (the Azure AD Graph application ID). Written
+out here rather than imported from the operator's domain, so a wrong value there cannot pass here."""
+_MAX_PROOF_LIFETIME = 600  # seconds between nbf and exp
+_SKEW = 300  # IdentityModel's default clock skew on nbf/exp
+
+_ACTIONS = r"(?:/(addPassword|removePassword|addKey|removeKey))?"
+_BY_APP_ID = re.compile(rf"^/v1\.0/applications\(appId='([^']*)'\){_ACTIONS}$")
+_BY_ID = re.compile(rf"^/v1\.0/applications/([^/()]+){_ACTIONS}$")
 _MAX_BODY = 64 * 1024
 _SECRET_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.~"
 
@@ -122,7 +157,10 @@ class FakeGraph:
         self._lock = threading.Lock()
         self._faults: list[_Fault] = []
         self._returned: list[str] = []
-        self._requests: dict[str, int] = {"read": 0, "addPassword": 0, "removePassword": 0}
+        self._requests: dict[str, int] = dict.fromkeys(
+            ("read", "addPassword", "removePassword", "addKey", "removeKey"), 0
+        )
+        self._proof_refusals: list[str] = []
         self._received = 0
         self._connections: set[socket.socket] = set()
         self._server: _Server | None = None
@@ -221,9 +259,17 @@ class FakeGraph:
 
     @property
     def requests(self) -> dict[str, int]:
-        """Requests that passed authentication, per operation (``read``, ``addPassword``, ``removePassword``)."""
+        """Requests that passed authentication and authorization, per operation (``read``,
+        ``addPassword``, ``removePassword``, ``addKey``, ``removeKey``; a refused proof still counts)."""
         with self._lock:
             return dict(self._requests)
+
+    @property
+    def proof_refusals(self) -> list[str]:
+        """Why each refused proof of possession was refused (one short reason each, oldest first): real
+        Graph answers every one the same way, so a test asks here which check caught it."""
+        with self._lock:
+            return list(self._proof_refusals)
 
     @property
     def received(self) -> int:
@@ -235,6 +281,7 @@ class FakeGraph:
         with self._lock:
             self._requests = dict.fromkeys(self._requests, 0)
             self._received = 0
+            self._proof_refusals.clear()
 
     def add_password(
         self, tenant: str, client_id: str, *, display_name: str | None = None, end: dt.datetime | None = None
@@ -275,7 +322,7 @@ class FakeGraph:
             operation: Literal["read", "write"] = "read" if action is None else "write"
             self._apply_fault(operation)
             app = self._find(token.tenant_id, key, by_app_id=match.re is _BY_APP_ID)
-            self._authorize(token.client_id, token.roles, app, operation)
+            self._authorize(token.client_id, token.roles, app, operation, own_keys=action in _KEY_ACTIONS)
             with self._lock:
                 self._requests[action or "read"] += 1
             if action is None:
@@ -283,8 +330,13 @@ class FakeGraph:
                 self._json(request, 200, self._application(app, select), correlation)
             elif action == "addPassword":
                 self._json(request, 200, self._add_password(app, body), correlation)
+            elif action == "addKey":
+                self._json(request, 200, self._add_key(app, body), correlation)
             else:
-                self._remove_password(app, body)
+                if action == "removePassword":
+                    self._remove_password(app, body)
+                else:
+                    self._remove_key(app, body)
                 request.send_payload(204, b"", "text/plain", {"client-request-id": correlation})
         except _GraphError as error:
             self._error(request, error, correlation)
@@ -340,11 +392,17 @@ class FakeGraph:
             f"Resource '{key}' does not exist or one of its queried reference-property objects are not present.",
         )
 
-    def _authorize(self, caller: str, roles: tuple[str, ...], app: _App, operation: str) -> None:
+    def _authorize(
+        self, caller: str, roles: tuple[str, ...], app: _App, operation: str, *, own_keys: bool = False
+    ) -> None:
         granted = set(roles)
         allowed = READ_ROLES if operation == "read" else _WRITE_ROLES
         with self.idp.lock:
             owner = caller.lower() in app.owners
+        # "An application does not need any specific permission to roll its own keys": addKey and
+        # removeKey called with the app's own token need no role; the proof is what protects them.
+        if own_keys and caller.lower() == app.client_id.lower():
+            return
         if granted & allowed or (_OWNED_BY in granted and owner):
             return
         raise _GraphError(
@@ -454,6 +512,147 @@ class FakeGraph:
                 )
             app.secrets.pop(value)
             app.password_meta.pop(value)
+
+    # ----------------------------------------------------------------- addKey / removeKey
+
+    def _add_key(self, app: _App, body: bytes) -> dict[str, Any]:
+        try:
+            payload = json.loads(body or b"{}")
+            credential = payload.get("keyCredential")
+            if not isinstance(credential, dict):
+                raise TypeError("no keyCredential")
+        except (ValueError, AttributeError, TypeError):
+            raise _GraphError(
+                400, "Request_BadRequest", "Invalid value specified for property 'keyCredential'."
+            ) from None
+        if credential.get("type") != "AsymmetricX509Cert" or credential.get("usage") != "Verify":
+            # X509CertAndPassword / Sign (a signing certificate with its password) is Graph's other
+            # form; a client credential is always a public certificate that Entra ID verifies with.
+            raise _GraphError(
+                400,
+                "Request_BadRequest",
+                "This stand-in adds keyCredentials of type 'AsymmetricX509Cert' with usage 'Verify' only.",
+            )
+        display = credential.get("displayName")
+        if display is not None and not isinstance(display, str):
+            raise _GraphError(
+                400, "Request_BadRequest", "Invalid value specified for property 'displayName'."
+            )
+        try:
+            cert = x509.load_der_x509_certificate(base64.b64decode(str(credential["key"]), validate=True))
+        except (KeyError, ValueError, TypeError):
+            raise _GraphError(
+                400,
+                "Request_BadRequest",
+                "Invalid value specified for property 'key' of resource 'KeyCredential'.",
+            ) from None
+        self._check_proof(app, payload.get("proof"))
+        thumbprint = cert.fingerprint(hashes.SHA256()).hex()
+        now = dt.datetime.now(dt.UTC)
+        if cert.not_valid_after_utc <= now:
+            raise _GraphError(  # unverified wording
+                400, "Request_BadRequest", "Key credential end date is invalid: the certificate has expired."
+            )
+        with self.idp.lock:
+            if thumbprint in app.certificates:
+                raise _GraphError(  # unverified wording: real Graph's message for this is not known
+                    400,
+                    "Request_BadRequest",
+                    "A key credential with the same certificate thumbprint already exists on the application.",
+                )
+            app.certificates[thumbprint] = cert
+            app.key_meta[thumbprint] = PasswordMeta(
+                key_id=str(uuid.uuid4()),
+                display_name=display or cert.subject.rfc4514_string(),
+                start=cert.not_valid_before_utc,
+                end=cert.not_valid_after_utc,
+            )
+            added = self._key(app, thumbprint)
+        return {
+            "@odata.context": "https://graph.microsoft.com/v1.0/$metadata#microsoft.graph.keyCredential",
+            **added,
+        }
+
+    def _remove_key(self, app: _App, body: bytes) -> None:
+        try:
+            payload = json.loads(body or b"{}")
+            key_id = str(payload["keyId"])
+        except (ValueError, KeyError, TypeError):
+            raise _GraphError(
+                400, "Request_BadRequest", "Invalid value specified for property 'keyId'."
+            ) from None
+        self._check_proof(app, payload.get("proof"))
+        with self.idp.lock:
+            thumbprint = next(
+                (t for t in app.certificates if app.key(t).key_id.lower() == key_id.lower()), None
+            )
+            if thumbprint is None:
+                raise _GraphError(
+                    400,
+                    "Request_BadRequest",
+                    f"No key credential found with keyId '{key_id}'.",  # unverified wording
+                )
+            app.certificates.pop(thumbprint)
+            app.key_meta.pop(thumbprint, None)
+
+    def _check_proof(self, app: _App, proof: Any) -> None:
+        """Graph's proof-of-possession checks; every failure is the same 401, as Graph answers it."""
+        reason = self._proof_problem(app, proof)
+        if reason is None:
+            return
+        with self._lock:
+            self._proof_refusals.append(reason)
+        raise _GraphError(401, "Authentication_MissingOrMalformed", "Access Token missing or malformed.")
+
+    def _proof_problem(self, app: _App, proof: Any) -> str | None:
+        if not isinstance(proof, str) or not proof:
+            return "no proof"
+        try:
+            header = jwt.get_unverified_header(proof)
+        except jwt.PyJWTError:
+            return "not a JWT"
+        if header.get("alg") != "RS256":
+            return "not signed RS256"
+        with self.idp.lock:
+            registered = {t: (c, app.key(t)) for t, c in app.certificates.items()}
+        now = dt.datetime.now(dt.UTC)
+        valid = {t: c for t, (c, meta) in registered.items() if meta.start <= now < meta.end}
+        if not valid:
+            return "the application has no valid certificate"
+        signer: x509.Certificate | None = None
+        if isinstance(header.get("x5t#S256"), str):
+            signer = valid.get(_unb64url(header["x5t#S256"]).hex())
+        elif isinstance(header.get("x5t"), str):
+            sha1 = _unb64url(header["x5t"])
+            signer = next((c for c in valid.values() if c.fingerprint(hashes.SHA1()) == sha1), None)
+        else:
+            return "no x5t header"
+        if signer is None:
+            return "signed by a certificate not registered and valid on the application"
+        try:
+            claims = jwt.decode(
+                proof,
+                signer.public_key(),  # type: ignore[arg-type]  # RSA: RS256 verified it
+                algorithms=["RS256"],
+                audience=POP_AUDIENCE,
+                issuer=app.object_id,
+                leeway=_SKEW,
+                options={"require": ["aud", "iss", "nbf", "exp"]},
+            )
+        except jwt.InvalidAudienceError:
+            return "wrong aud"
+        except jwt.InvalidIssuerError:
+            return "wrong iss"
+        except jwt.InvalidSignatureError:
+            return "bad signature"
+        except (jwt.ExpiredSignatureError, jwt.ImmatureSignatureError):
+            return "outside its lifetime"
+        except jwt.PyJWTError:
+            return "malformed claims"
+        lifetime = float(claims["exp"]) - float(claims["nbf"])
+        if lifetime > _MAX_PROOF_LIFETIME:
+            return "lifetime over 10 minutes"
+        return None
 
     # ----------------------------------------------------------------- responses
 
