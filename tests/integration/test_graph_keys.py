@@ -233,7 +233,9 @@ def _bad_proof(world: World, case: str) -> str:
     if case == "bad signature":
         good = world.proof(world.old)
         head, body, signature = good.split(".")
-        return f"{head}.{body}.{signature[::-1]}"
+        # Reversed bytes, re-encoded: still well-formed base64url (reversing the text is not always).
+        raw = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))[::-1]
+        return f"{head}.{body}.{base64.urlsafe_b64encode(raw).decode().rstrip('=')}"
     if case == "no valid certificate":
         world.idp.remove_certificate(TENANT, CLIENT, world.old.cert_pem)
         return world.proof(world.old)

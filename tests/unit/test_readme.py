@@ -18,6 +18,9 @@ BENIGN = {
     "NotExpiring",
     "Protected",
     "PolicyIgnored",
+    "RenewalScheduled",
+    "Renewing",
+    "Renewed",
     "ExpiryUnknown",
     "Discovered",
 }

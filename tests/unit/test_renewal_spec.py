@@ -108,5 +108,51 @@ def test_the_renewal_condition_names_a_failing_step_and_clears_once_it_passes() 
         "Unknown",
         Reason.RENEWING,
     )
-    assert condition({"phase": "Done", "secretName": "mail-renewed"})[:2] == ("True", Reason.RENEWED)
+    done = {"phase": "Done", "secretName": "mail-renewed", "switchedAt": "2026-01-01T00:00:00Z"}
+    assert condition(done)[:2] == ("True", Reason.RENEWED)
+    copied = {"kind": "ClientCertificate", "phase": "Done", "secretName": "mail-renewed", "thumbprint": "ab"}
+    assert condition(copied)[:2] == ("True", Reason.RENEWAL_SCHEDULED)
+    assert condition({**copied, "lastFailure": failure})[:2] == ("False", Reason.RENEWAL_FAILED)
     assert condition(None)[:2] == ("True", Reason.RENEWAL_SCHEDULED)
+
+
+def cert_raw(renewal: Any, graph: bool = True) -> dict[str, Any]:
+    spec = raw({}, graph)
+    del spec["identity"]["clientSecret"]
+    spec["identity"]["clientCertificate"] = {"secretRef": {"name": "exo-cert"}, "renewal": renewal}
+    return spec
+
+
+def test_certificate_renewal_spec() -> None:
+    spec = parse_spec(cert_raw({"gracePeriod": "2h"}))
+    assert spec.client_certificate is not None
+    assert spec.client_certificate.renewal_grace == parse_long_duration("2h")
+    assert spec.renews
+    assert parse_spec(cert_raw({})).client_certificate.renewal_grace == parse_long_duration("24h")  # type: ignore[union-attr]
+    with pytest.raises(SpecError, match=r"identity\.clientCertificate\.renewal"):
+        parse_spec(cert_raw({}, graph=False))
+    with pytest.raises(SpecError, match="gracePeriod"):
+        parse_spec(cert_raw({"gracePeriod": "soon"}))
+
+
+def test_a_certificate_under_renewal_authenticates_with_the_operators_copy() -> None:
+    spec = parse_spec(cert_raw({}))
+    assert renewed_spec(spec, None) is spec
+    assert renewed_spec(spec, {"kind": "ClientCertificate", "phase": "Adding"}) is spec  # no copy yet
+    state = {"kind": "ClientCertificate", "phase": "Adding", "secretName": "mail-renewed"}
+    for phase in ("Done", "Adding", "Testing", "Active", "Removing"):
+        used = renewed_spec(spec, {**state, "phase": phase})
+        assert used.credential_secret == "mail-renewed"
+        assert used.referenced_objects() == {("Secret", "mail-renewed")}
+    # A secret renewal's state does not move a certificate, and renewal off ignores any state.
+    assert renewed_spec(spec, {"phase": "Done", "secretName": "mail-renewed"}) is spec
+    off = parse_spec(
+        {
+            **cert_raw({}),
+            "identity": {
+                **cert_raw({})["identity"],
+                "clientCertificate": {"secretRef": {"name": "exo-cert"}},
+            },
+        }
+    )
+    assert renewed_spec(off, state) is off

@@ -185,6 +185,7 @@ class Kube:
         labels: Mapping[str, str],
         annotations: Mapping[str, str],
         owner: Mapping[str, Any],
+        secret_type: str = "Opaque",  # noqa: S107 - a Secret type, not a password
     ) -> None:
         """Create or update a Secret the operator owns (renewal). The values never leave this call but
         in the API request body."""
@@ -208,7 +209,13 @@ class Kube:
                 f"create Secret {namespace}/{name}",
                 self.core.create_namespaced_secret,
                 namespace,
-                {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": meta, "data": encoded},
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "type": secret_type,
+                    "metadata": meta,
+                    "data": encoded,
+                },
             )
 
     async def patch_status(

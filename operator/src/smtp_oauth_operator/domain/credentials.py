@@ -80,6 +80,11 @@ class CertificateCredential:
     not_before: datetime
     not_after: datetime
 
+    @property
+    def leaf_der(self) -> bytes:
+        """The leaf certificate in DER (what Graph's keyCredential.key carries, base64-encoded)."""
+        return x509.load_pem_x509_certificate(self.leaf_pem.encode()).public_bytes(serialization.Encoding.DER)
+
     def status(self) -> dict[str, str]:
         """What status.clientCertificate shows (public facts only)."""
         return {

@@ -54,6 +54,8 @@ class AppCredential:
             entry["displayName"] = self.display_name[:1024]
         if self.hint:
             entry["hint"] = self.hint[:8]
+        if self.sha1:
+            entry["thumbprint"] = self.sha1  # a certificate's SHA-1 (public; the portal's Thumbprint column)
         if self.end is not None:
             entry["endDateTime"] = self.end.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return entry
@@ -76,6 +78,7 @@ class Discovery:
     credentials: tuple[dict[str, Any], ...] | None = None  # status.appCredentials (None: not read)
     retry_at: datetime | None = None  # a transient failure: when Graph may be read again
     in_use: tuple[str, ...] = field(default=())  # keyIds
+    object_id: str | None = None  # the application's object ID (a proof of possession's issuer)
 
 
 def _time(value: Any) -> datetime | None:
@@ -198,6 +201,7 @@ def identify(
             "federation uses none of them.",
             None,
             listing,
+            object_id=app.object_id or None,
         )
     if not candidates:
         return Discovery(
@@ -207,6 +211,7 @@ def identify(
             f"{noun} in use; the typed expiry (if any) is used.",
             None,
             listing,
+            object_id=app.object_id or None,
         )
     if len(candidates) > 1:
         keys = ", ".join(sorted(in_use))
@@ -218,6 +223,7 @@ def identify(
             expires_at,
             listing,
             in_use=tuple(sorted(in_use)),
+            object_id=app.object_id or None,
         )
     (match,) = candidates
     name = f" {match.display_name!r}" if match.display_name else ""
@@ -229,6 +235,7 @@ def identify(
         match.end,
         listing,
         in_use=(match.key_id,),
+        object_id=app.object_id or None,
     )
 
 

@@ -1,8 +1,10 @@
 """Which Secret a resource under renewal authenticates with (pure; services/renewal.py takes the steps).
 
 The operator, the relay and the connection test must all agree on it, so it is decided here from
-``spec`` and ``status.renewal`` alone: before the first switch the spec's own Secret, after it the
-operator's Secret (``{name}-renewed``), during a later renewal the renewed Secret still in use.
+``spec`` and ``status.renewal`` alone. A client secret: before the first switch the spec's own Secret,
+after it the operator's Secret (``{name}-renewed``), during a later renewal the renewed Secret still in
+use. A certificate: the operator's copy of the registered pair (``{name}-renewed``) as soon as it exists;
+the referenced Secret is where cert-manager puts the next one.
 """
 
 from __future__ import annotations
@@ -15,9 +17,20 @@ from typing import Any
 from smtp_oauth_operator.domain.reasons import Reason
 from smtp_oauth_operator.domain.spec import KeyRef, SmtpOAuthSpec
 
-__all__ = ["OWNED_KEY", "SWITCHED", "condition", "owned_secret_name", "renewed_spec", "state_of"]
+__all__ = [
+    "CERTIFICATE",
+    "OWNED_KEY",
+    "SECRET",
+    "SWITCHED",
+    "condition",
+    "owned_secret_name",
+    "renewed_spec",
+    "state_of",
+]
 
 OWNED_KEY = "client-secret"
+SECRET = "ClientSecret"  # status.renewal.kind (absent in renewals recorded before certificates were renewed)
+CERTIFICATE = "ClientCertificate"
 SWITCHED = frozenset({"Active", "Removing", "Done"})
 
 
@@ -36,7 +49,18 @@ def owned_secret_name(resource: str, *, other_than: str | None = None) -> str:
 def renewed_spec(spec: SmtpOAuthSpec, state: Mapping[str, Any] | None) -> SmtpOAuthSpec:
     """The spec the resource is tested with: once switched, the operator's own Secret (whose date Graph knows);
     during a later renewal, the renewed Secret still in use (``fromSecret``) until the next switch."""
-    if spec.renewal is None or not state:
+    cert = spec.client_certificate
+    if cert is not None:
+        # A certificate under renewal: the operator's copy of the registered pair, in every phase once it
+        # exists (the referenced Secret may already hold a certificate Entra ID does not know yet).
+        if cert.renewal_grace is None or not state or state.get("kind") != CERTIFICATE:
+            return spec
+        if not state.get("secretName"):
+            return spec
+        return dataclasses.replace(
+            spec, client_certificate=dataclasses.replace(cert, secret_name=str(state["secretName"]))
+        )
+    if spec.renewal is None or not state or state.get("kind", SECRET) != SECRET:
         return spec
     if state.get("phase") in SWITCHED and state.get("secretName"):
         name = str(state["secretName"])
@@ -56,7 +80,7 @@ def state_of(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
 
 
 _STEPS = {
-    "Adding": "1/4, adding the new credential",
+    "Adding": "1/4, adding (registering) the new credential",
     "Testing": "2/4, testing the new credential",
     "Active": "3/4, switched; the old credential is removed after the grace period",
     "Removing": "4/4, removing the old credential",
@@ -70,7 +94,7 @@ def condition(state: Mapping[str, Any] | None) -> tuple[str, Reason, str]:
     state = state or {}
     phase = str(state.get("phase") or "")
     failure = state.get("lastFailure")
-    if isinstance(failure, Mapping) and phase in _STEPS:
+    if isinstance(failure, Mapping):
         return (
             "False",
             Reason.RENEWAL_FAILED,
@@ -79,6 +103,14 @@ def condition(state: Mapping[str, Any] | None) -> tuple[str, Reason, str]:
         )
     if phase in _STEPS:
         return "Unknown", Reason.RENEWING, f"Renewal in progress: step {_STEPS[phase]}."
+    if phase == "Done" and not state.get("switchedAt"):
+        return (
+            "True",
+            Reason.RENEWAL_SCHEDULED,
+            f"The registered certificate (SHA-1 {state.get('thumbprint')}) is kept in Secret "
+            f"{state.get('secretName')}; a new certificate in the referenced Secret is registered through "
+            "Microsoft Graph before it is used.",
+        )
     if phase == "Done":
         return (
             "True",

@@ -7,6 +7,7 @@ written before a schema tightened. It raises :class:`SpecError` with the field p
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
@@ -118,6 +119,7 @@ class ClientCertificate:
 
     secret_name: str
     send_certificate_chain: bool = False
+    renewal_grace: timedelta | None = None  # clientCertificate.renewal.gracePeriod; None: renewal off
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +204,12 @@ class SmtpOAuthSpec:
         if self.workload_identity is not None:
             return "WorkloadIdentity"
         return "ClientSecret"
+
+    @property
+    def renews(self) -> bool:
+        """A renewal is configured: clientSecret.renewal, or clientCertificate.renewal."""
+        cert = self.client_certificate
+        return self.renewal is not None or (cert is not None and cert.renewal_grace is not None)
 
     @property
     def credential_secret(self) -> str | None:
@@ -443,6 +451,10 @@ def parse_spec(spec: Any) -> SmtpOAuthSpec:
     graph_host = _https_url(discovery.text("graphHost", cloud.graph_host), "identity.discovery.graphHost")
     secret_r = ident.sub("clientSecret")
     renewal = _parse_renewal(secret_r.sub("renewal"), discover_graph) if secret_r.has("renewal") else None
+    cert_r = ident.sub("clientCertificate")
+    if certificate is not None and cert_r.has("renewal"):
+        grace = _parse_certificate_renewal(cert_r.sub("renewal"), discover_graph)
+        certificate = dataclasses.replace(certificate, renewal_grace=grace)
 
     proxy_url = r.sub("proxy").opt_text("url")
     if proxy_url is not None:
@@ -553,6 +565,18 @@ def _parse_renewal(r: _Reader, discover_graph: bool) -> Renewal | None:
     if values["renewBefore"] >= values["validity"]:
         raise SpecError(f"{path}.renewBefore", "must be shorter than validity")
     return Renewal(values["renewBefore"], values["validity"], values["gracePeriod"])
+
+
+def _parse_certificate_renewal(r: _Reader, discover_graph: bool) -> timedelta:
+    path = "identity.clientCertificate.renewal"
+    if not discover_graph:
+        raise SpecError(
+            path, "needs identity.discovery.graph: true (the registered certificates are read there)"
+        )
+    try:
+        return parse_long_duration(r.text("gracePeriod", "24h"))
+    except ValueError as exc:
+        raise SpecError(f"{path}.gracePeriod", str(exc)) from None
 
 
 _CredentialParts = tuple[

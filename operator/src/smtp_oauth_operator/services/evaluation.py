@@ -277,14 +277,14 @@ async def evaluate(
     protection = assess(secret_name, inputs.secret_metadata, spec.secret_policy) if inputs else None
     if (
         inputs is not None
-        and spec.renewal is not None
-        and spec.secret_ref is not None
+        and spec.renews
+        and spec.workload_identity is None
         and (inputs.secret_metadata.get("labels") or {}).get("smtpoauth.dev/renewal-of")
     ):
         protection = Protection(
             "True",
             Reason.PROTECTED,
-            f"Secret {secret_name} holds the renewed secret: written by the operator, never committed, and "
+            f"Secret {secret_name} holds the renewed credential: written by the operator, never committed, and "
             "labelled velero.io/exclude-from-backup=true.",
         )
     if spec.workload_identity is not None:
@@ -294,7 +294,7 @@ async def evaluate(
             "No Secret to protect: workload identity federation stores no credential.",
         )
     step = Step()
-    if renewer is not None and inputs is not None and spec.renewal is not None:
+    if renewer is not None and inputs is not None and spec.renews:
         step = await renewer.advance(body, spec, inputs, tokens, discovered, source, now=now)
     observation = Observation(
         generation=generation,
@@ -314,7 +314,7 @@ async def evaluate(
         discovery=discovered,
         typed_expires_at=typed if spec.credential_kind == "ClientSecret" else None,
         relay_endpoint=_relay_endpoint(spec, relay_endpoint),
-        renewal_enabled=spec.renewal is not None,
+        renewal_enabled=spec.renews,
         renewal=step.state,
     )
     decision = decide(status, observation)

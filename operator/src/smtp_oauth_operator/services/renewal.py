@@ -17,6 +17,20 @@ stopped:
               it did not record — and a keyId already gone counts as removed.
 ``Done``      until the new credential itself comes within ``renewBefore`` of its end.
 
+Certificate renewal (``clientCertificate.renewal``) follows cert-manager instead of deciding when to renew,
+and needs no Graph write permission: an app may roll its own keys (``addKey``/``removeKey``) with a proof
+of possession signed by a certificate it already has. Since cert-manager overwrites the referenced Secret
+(and, with ``rotationPolicy: Always``, the private key), the operator first copies the registered pair into
+a Secret it owns (``{name}-renewed``, type kubernetes.io/tls) and authenticates with that copy
+(domain/renewal.py). Then:
+
+``Done``      each pass compares the referenced Secret's certificate with the registered one; a new one →
+              ``Adding`` (old and new SHA-1 thumbprints and the old keyId recorded).
+``Adding``    the new certificate is registered with ``addKey``, the proof signed by the copy's key — unless
+              Graph already lists its thumbprint (a resumed step, or someone uploaded it): then adopted.
+``Testing``   the connection is tested with the referenced Secret; a pass copies the new pair over the old.
+``Active``, ``Removing``  as for secrets, with ``removeKey`` (the proof signed by the new pair), then ``Done``.
+
 Nothing here writes status; it returns the new ``status.renewal`` and the Events for the reconciler to write.
 """
 
@@ -30,13 +44,31 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from smtp_oauth_operator.clients.graph import GraphRead, add_password, remove_password
+from smtp_oauth_operator.clients.graph import (
+    GraphRead,
+    add_key,
+    add_password,
+    remove_key,
+    remove_password,
+)
 from smtp_oauth_operator.clients.identity import TokenProvider
 from smtp_oauth_operator.clients.kube import Kube
+from smtp_oauth_operator.domain.credentials import (
+    CertificateCredential,
+    CertificateError,
+    parse_certificate,
+    proof_of_possession,
+)
 from smtp_oauth_operator.domain.discovery import Discovery
 from smtp_oauth_operator.domain.reasons import CheckFailed, Reason
-from smtp_oauth_operator.domain.renewal import OWNED_KEY, owned_secret_name, renewed_spec
-from smtp_oauth_operator.domain.spec import SmtpOAuthSpec, parse_time
+from smtp_oauth_operator.domain.renewal import (
+    CERTIFICATE,
+    OWNED_KEY,
+    SECRET,
+    owned_secret_name,
+    renewed_spec,
+)
+from smtp_oauth_operator.domain.spec import SmtpOAuthSpec, SpecError, parse_spec, parse_time
 from smtp_oauth_operator.domain.status import Event, timestamp
 from smtp_oauth_operator.services.connection import (
     Inputs,
@@ -87,11 +119,17 @@ class Renewer:
         *,
         now: datetime,
     ) -> Step:
+        if discovered is None:
+            return Step()
+        if spec.client_certificate is not None and spec.client_certificate.renewal_grace is not None:
+            return await self._advance_certificate(body, spec, inputs, tokens, discovered, source, now)
         renewal = spec.renewal
-        if renewal is None or discovered is None:
+        if renewal is None:
             return Step()
         meta = body.get("metadata") or {}
         state: dict[str, Any] = dict((body.get("status") or {}).get("renewal") or {})
+        if state.get("kind", SECRET) != SECRET:
+            state = {}  # the resource moved from a certificate to a client secret
         phase = state.get("phase")
         try:
             if phase in (None, "Done"):
@@ -131,6 +169,7 @@ class Renewer:
         intent = uuid.uuid4().hex
         in_use = str(state.get("secretName") or "") if state.get("phase") == "Done" else ""
         new_state = {
+            "kind": SECRET,
             "phase": "Adding",
             "intent": intent,
             "oldKeyId": found.in_use[0],
@@ -174,19 +213,7 @@ class Renewer:
         )
         events: list[Event] = []
         if adopted is None:
-            labels = {
-                "velero.io/exclude-from-backup": "true",
-                "app.kubernetes.io/managed-by": "smtp-oauth-operator",
-                "smtpoauth.dev/renewal-of": str(meta.get("name"))[:63],
-            }
-            owner = {
-                "apiVersion": str(body.get("apiVersion") or "smtpoauth.dev/v1alpha1"),
-                "kind": "SmtpOAuthConfig",
-                "name": str(meta.get("name")),
-                "uid": str(meta.get("uid") or ""),
-                "controller": True,
-                "blockOwnerDeletion": False,
-            }
+            labels, owner = _owned_labels(meta), _owner(body)
             # The Secret first, empty: a missing RBAC rule fails here, before Graph holds anything of ours.
             await self.kube.write_secret(
                 namespace, name, {}, labels=labels, annotations={INTENT_ANNOTATION: intent}, owner=owner
@@ -291,6 +318,293 @@ class Renewer:
         message = f"Removed the old client secret (keyId {old}) after the grace period; renewal done."
         return Step(new_state, [Event("Normal", "RenewalOldCredentialRemoved", message)])
 
+    # ------------------------------------------------------------------------------ certificates
+
+    async def _advance_certificate(
+        self,
+        body: Mapping[str, Any],
+        spec: SmtpOAuthSpec,
+        inputs: Inputs,
+        tokens: TokenProvider,
+        found: Discovery,
+        source: ObjectSource,
+        now: datetime,
+    ) -> Step:
+        """``spec`` is the one in use (the operator's copy, once made); the referenced Secret is the
+        original spec's."""
+        meta = body.get("metadata") or {}
+        state: dict[str, Any] = dict((body.get("status") or {}).get("renewal") or {})
+        if state.get("kind") != CERTIFICATE:
+            state = {}
+        phase = state.get("phase")
+        try:
+            original = parse_spec(body.get("spec"))
+        except SpecError:
+            return Step()  # the pass reports InvalidSpec; nothing to renew
+        try:
+            if phase is None:
+                return await self._keep_copy(spec, meta, body, inputs, found, now)
+            if phase == "Done":
+                return await self._look_for_new(state, original, meta, source, now)
+            if phase == "Adding":
+                return await self._add_certificate(
+                    state, spec, original, meta, inputs, tokens, found, source, now
+                )
+            if phase == "Testing":
+                return await self._test_certificate(state, original, body, tokens, source, now)
+            if phase == "Active":
+                remove_after = parse_time(str(state.get("removeAfter") or timestamp(now)))
+                if now < remove_after:
+                    return Step(next_due=remove_after)
+                state["phase"] = "Removing"
+                return Step(state, next_due=now + NEXT_STEP)
+            if phase == "Removing":
+                return await self._remove_certificate(state, spec, inputs, tokens, found, now)
+        except CheckFailed as exc:
+            return self._failed({**state, "kind": CERTIFICATE}, str(phase), exc, now)
+        return Step()
+
+    async def _keep_copy(
+        self,
+        spec: SmtpOAuthSpec,
+        meta: Mapping[str, Any],
+        body: Mapping[str, Any],
+        inputs: Inputs,
+        found: Discovery,
+        now: datetime,
+    ) -> Step:
+        """First pass: copy the registered pair (the referenced Secret's, which Graph lists) into the
+        operator's Secret, so that its key can sign the proof when cert-manager replaces both."""
+        cert = inputs.certificate
+        if cert is None or len(found.in_use) != 1:
+            return Step()  # not identified in Graph: nothing registered to keep
+        name = owned_secret_name(str(meta.get("name")))
+        await self._store_pair(body, name, cert)
+        state = {
+            "kind": CERTIFICATE,
+            "phase": "Done",
+            "secretName": name,
+            "thumbprint": cert.thumbprint_sha1,
+            "keyId": found.in_use[0],
+        }
+        namespace = str(meta.get("namespace") or "default")
+        message = (
+            f"Copied the registered certificate (SHA-1 {cert.thumbprint_sha1}, keyId {found.in_use[0]}) into "
+            f"Secret {namespace}/{name}, which the operator owns and now authenticates with; a new certificate "
+            f"in Secret {namespace}/{spec.client_certificate.secret_name if spec.client_certificate else '?'} "
+            "is registered through Microsoft Graph before it is used."
+        )
+        return Step(state, [Event("Normal", "RenewalPrepared", message)])
+
+    async def _look_for_new(
+        self,
+        state: dict[str, Any],
+        original: SmtpOAuthSpec,
+        meta: Mapping[str, Any],
+        source: ObjectSource,
+        now: datetime,
+    ) -> Step:
+        namespace = str(meta.get("namespace") or "default")
+        fresh = await self._referenced_pair(original, namespace, source)
+        if fresh.thumbprint_sha1 == state.get("thumbprint"):
+            if "lastFailure" in state:
+                state.pop("lastFailure")
+                return Step(state)
+            return Step()
+        if fresh.not_after <= now:
+            raise CheckFailed(
+                Reason.CERTIFICATE_EXPIRED,
+                f"the new certificate in Secret {namespace}/{self._referenced(original)} (SHA-1 "
+                f"{fresh.thumbprint_sha1}) expired {timestamp(fresh.not_after)}; not registering it",
+            )
+        new_state = {
+            "kind": CERTIFICATE,
+            "phase": "Adding",
+            "secretName": state.get("secretName"),
+            "thumbprint": state.get("thumbprint"),
+            "keyId": state.get("keyId"),
+            "oldThumbprint": state.get("thumbprint"),
+            "oldKeyId": state.get("keyId"),
+            "newThumbprint": fresh.thumbprint_sha1,
+            "startedAt": timestamp(now),
+        }
+        message = (
+            f"Secret {namespace}/{self._referenced(original)} holds a new certificate (SHA-1 "
+            f"{fresh.thumbprint_sha1}, notAfter {timestamp(fresh.not_after)}) replacing the registered one "
+            f"(SHA-1 {state.get('thumbprint')}): registering it on app {original.client_id} through Microsoft "
+            "Graph (addKey, with a proof signed by the registered one)."
+        )
+        return Step(new_state, [Event("Normal", "RenewalStarted", message)], now + NEXT_STEP)
+
+    async def _add_certificate(
+        self,
+        state: dict[str, Any],
+        spec: SmtpOAuthSpec,
+        original: SmtpOAuthSpec,
+        meta: Mapping[str, Any],
+        inputs: Inputs,
+        tokens: TokenProvider,
+        found: Discovery,
+        source: ObjectSource,
+        now: datetime,
+    ) -> Step:
+        namespace = str(meta.get("namespace") or "default")
+        fresh = await self._referenced_pair(original, namespace, source)
+        if fresh.thumbprint_sha1 != state.get("newThumbprint"):
+            # Replaced again before it was registered: register the newest instead.
+            return Step({**state, "newThumbprint": fresh.thumbprint_sha1}, next_due=now + NEXT_STEP)
+        listing = await self._listing(spec, inputs, tokens, now)
+        known = [
+            c
+            for c in listing
+            if c.get("type") == "Certificate" and str(c.get("thumbprint") or "") == fresh.thumbprint_sha1
+        ]
+        events: list[Event] = []
+        if known:
+            key_id = str(known[0]["keyId"])
+            what = f"Microsoft Graph already lists the new certificate as keyId {key_id}: adopted"
+        else:
+            signer = inputs.certificate
+            object_id = found.object_id
+            if signer is None or not object_id:
+                raise CheckFailed(
+                    Reason.GRAPH_UNAVAILABLE,
+                    "the application's object ID or the registered pair is not known",
+                )
+            try:
+                proof = proof_of_possession(
+                    object_id=object_id,
+                    private_key_pem=signer.private_key_pem.encode(),
+                    certificate_der=signer.leaf_der,
+                    now=now,
+                )
+            except CertificateError as exc:
+                raise CheckFailed(
+                    Reason.CERTIFICATE_INVALID, f"cannot sign the proof of possession: {exc}"
+                ) from None
+            graph = await self._graph(spec, inputs, tokens)
+            added = await add_key(graph, fresh.leaf_der, fresh.subject[:200] or "smtp-oauth-operator", proof)
+            key_id = str(added.get("keyId") or "")
+            if not key_id:
+                raise CheckFailed(Reason.GRAPH_UNAVAILABLE, "Microsoft Graph's addKey answer had no keyId")
+            self.discovery.forget(spec)
+            what = f"Registered the new certificate on app {spec.client_id} as keyId {key_id}"
+        new_state = {**state, "phase": "Testing", "newKeyId": key_id}
+        new_state.pop("lastFailure", None)
+        events.append(
+            Event(
+                "Normal",
+                "RenewalCredentialAdded",
+                f"{what} (SHA-1 {fresh.thumbprint_sha1}); testing it next.",
+            )
+        )
+        return Step(new_state, events, now + NEXT_STEP)
+
+    async def _test_certificate(
+        self,
+        state: dict[str, Any],
+        original: SmtpOAuthSpec,
+        body: Mapping[str, Any],
+        tokens: TokenProvider,
+        source: ObjectSource,
+        now: datetime,
+    ) -> Step:
+        meta = body.get("metadata") or {}
+        namespace = str(meta.get("namespace") or "default")
+        generation = int(meta.get("generation") or 0)
+        fresh = await resolve(original, namespace, generation, source)
+        cert = fresh.certificate
+        if cert is None or cert.thumbprint_sha1 != state.get("newThumbprint"):
+            # Replaced again after registration: start over with the newest (the one registered in between
+            # is not used by anyone; it is listed in status.appCredentials for removal by hand).
+            return Step({**state, "phase": "Done"}, next_due=now + NEXT_STEP)
+        result = await run(original, fresh, tokens, where=f"{namespace}/{meta.get('name')}", now=now)
+        if result.failure is not None:
+            raise result.failure
+        name = str(state.get("secretName"))
+        await self._store_pair(body, name, cert)
+        remove_after = now + (_grace(original) or timedelta(0))
+        new_state = {
+            **state,
+            "phase": "Active",
+            "thumbprint": cert.thumbprint_sha1,
+            "keyId": state.get("newKeyId"),
+            "switchedAt": timestamp(now),
+            "removeAfter": timestamp(remove_after),
+        }
+        new_state.pop("lastFailure", None)
+        message = (
+            f"The new certificate (SHA-1 {cert.thumbprint_sha1}, keyId {state.get('newKeyId')}) passed the "
+            f"connection test; Secret {namespace}/{name} now holds it. The old one (keyId {state.get('oldKeyId')}) "
+            f"is removed after the grace period, at {timestamp(remove_after)}."
+        )
+        return Step(new_state, [Event("Normal", "RenewalSwitched", message)], remove_after)
+
+    async def _remove_certificate(
+        self,
+        state: dict[str, Any],
+        spec: SmtpOAuthSpec,
+        inputs: Inputs,
+        tokens: TokenProvider,
+        found: Discovery,
+        now: datetime,
+    ) -> Step:
+        old, new = str(state.get("oldKeyId") or ""), str(state.get("newKeyId") or "")
+        listing = await self._listing(spec, inputs, tokens, now)
+        if not old or old == new or old in found.in_use:
+            raise CheckFailed(
+                Reason.GRAPH_UNAVAILABLE,
+                f"refusing to remove keyId {old or '?'}: it is the certificate in use (the new one is {new or '?'})",
+            )
+        if any(c.get("keyId") == old for c in listing):
+            signer = inputs.certificate
+            if signer is None or not found.object_id:
+                raise CheckFailed(
+                    Reason.GRAPH_UNAVAILABLE,
+                    "the application's object ID or the registered pair is not known",
+                )
+            proof = proof_of_possession(
+                object_id=found.object_id,
+                private_key_pem=signer.private_key_pem.encode(),
+                certificate_der=signer.leaf_der,
+                now=now,
+            )
+            await remove_key(await self._graph(spec, inputs, tokens), old, proof)
+            self.discovery.forget(spec)
+        new_state = {**state, "phase": "Done", "removedAt": timestamp(now)}
+        new_state.pop("lastFailure", None)
+        message = f"Removed the old certificate (keyId {old}) after the grace period; renewal done."
+        return Step(new_state, [Event("Normal", "RenewalOldCredentialRemoved", message)])
+
+    @staticmethod
+    def _referenced(original: SmtpOAuthSpec) -> str:
+        return original.client_certificate.secret_name if original.client_certificate else "?"
+
+    async def _referenced_pair(
+        self, original: SmtpOAuthSpec, namespace: str, source: ObjectSource
+    ) -> CertificateCredential:
+        """The certificate cert-manager keeps in the referenced Secret (always read afresh)."""
+        name = self._referenced(original)
+        secret = await source.read("Secret", namespace, name)
+        if secret is None:
+            raise CheckFailed(Reason.SECRET_NOT_FOUND, f"Secret {namespace}/{name} does not exist")
+        try:
+            return parse_certificate(secret.data.get("tls.crt", ""), secret.data.get("tls.key", ""))
+        except CertificateError as exc:
+            raise CheckFailed(Reason.CERTIFICATE_INVALID, f"Secret {namespace}/{name}: {exc}") from None
+
+    async def _store_pair(self, body: Mapping[str, Any], name: str, cert: CertificateCredential) -> None:
+        meta = body.get("metadata") or {}
+        await self.kube.write_secret(
+            str(meta.get("namespace") or "default"),
+            name,
+            {"tls.crt": cert.chain_pem, "tls.key": cert.private_key_pem},
+            labels=_owned_labels(meta),
+            annotations={},
+            owner=_owner(body),
+            secret_type="kubernetes.io/tls",
+        )
+
     # ---------------------------------------------------------------------------------------- helpers
 
     async def _listing(
@@ -324,8 +638,11 @@ class Renewer:
         )
 
     def _failed(self, state: dict[str, Any], step: str, exc: CheckFailed, now: datetime) -> Step:
-        names = {"Adding": "addPassword", "Testing": "test", "Removing": "removePassword", "Active": "switch"}
-        what = names.get(step, step)
+        if state.get("kind") == CERTIFICATE:
+            names = {"Adding": "addKey", "Removing": "removeKey", "Done": "check", "None": "prepare"}
+        else:
+            names = {"Adding": "addPassword", "Removing": "removePassword"}
+        what = {"Testing": "test", "Active": "switch", **names}.get(step, step)
         failure = {
             "step": what,
             "reason": str(exc.reason),
@@ -340,3 +657,27 @@ class Renewer:
             )
         delay = timedelta(seconds=exc.retry_after) if exc.retry_after else RETRY
         return Step({**state, "lastFailure": failure}, events, now + delay)
+
+
+def _owned_labels(meta: Mapping[str, Any]) -> dict[str, str]:
+    return {
+        "velero.io/exclude-from-backup": "true",
+        "app.kubernetes.io/managed-by": "smtp-oauth-operator",
+        "smtpoauth.dev/renewal-of": str(meta.get("name"))[:63],
+    }
+
+
+def _owner(body: Mapping[str, Any]) -> dict[str, Any]:
+    meta = body.get("metadata") or {}
+    return {
+        "apiVersion": str(body.get("apiVersion") or "smtpoauth.dev/v1alpha1"),
+        "kind": "SmtpOAuthConfig",
+        "name": str(meta.get("name")),
+        "uid": str(meta.get("uid") or ""),
+        "controller": True,
+        "blockOwnerDeletion": False,
+    }
+
+
+def _grace(spec: SmtpOAuthSpec) -> timedelta | None:
+    return spec.client_certificate.renewal_grace if spec.client_certificate else None
