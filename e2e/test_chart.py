@@ -165,6 +165,9 @@ def plane(k8s_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             f"--audit-policy-file={policy}",
             f"--audit-log-path={audit_log}",
             "--audit-log-mode=blocking",  # written before the response: the log is complete when read
+            # On by default in OpenShift: changing an object's ownerReferences needs `delete` on it (create
+            # excepted). The renewal's owned Secret carries one; the chart's rules must be enough with it on.
+            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
         ],
     )
     cp.start()
@@ -1067,6 +1070,10 @@ def _wait_renewal(
     return state
 
 
+def _secret_verbs(role: Mapping[str, Any]) -> set[str]:
+    return {verb for group, resource, verb in _rules(role) if (group, resource) == ("", "secrets")}
+
+
 def test_renewal_rbac_is_off_by_default_named_when_missing_and_exactly_what_renewal_uses(
     plane: Plane, dev_servers: DevServers, crd_installed: None, run_operator: Any
 ) -> None:
@@ -1079,6 +1086,27 @@ def test_renewal_rbac_is_off_by_default_named_when_missing_and_exactly_what_rene
     for verb in ("create", "patch", "update", "delete"):
         can = plane.kubectl("auth", "can-i", verb, "secrets", "-n", watched, f"--as={user}", check=False)
         assert can.stdout.strip() == "no", f"{verb} secrets granted by default"
+    # Rendered, cluster-wide and namespaced: no role writes Secrets unless renewSecrets asks, and then only
+    # the operator's own (Cluster)Role, with exactly create and patch.
+    for mode in ([], ["--set", "watch.namespaces={team-a,team-b}"]):
+        for renew in ("false", "true"):
+            docs = plane.template(release, namespace, *mode, "--set", f"rbac.renewSecrets={renew}")
+            verbs = {
+                f"{r['kind']} {r['metadata'].get('namespace', '')}/{r['metadata']['name']}": _secret_verbs(r)
+                for r in _by_kind(docs, "ClusterRole") + _by_kind(docs, "Role")
+            }
+            writing = {name: v for name, v in verbs.items() if v - {"get", "list", "watch"}}
+            expected = (
+                {}
+                if renew == "false"
+                else {
+                    name: {"get", "list", "watch", "create", "patch"}
+                    for name in (
+                        ["ClusterRole /" + sa] if not mode else [f"Role team-a/{sa}", f"Role team-b/{sa}"]
+                    )
+                }
+            )
+            assert writing == expected, (mode, renew, verbs)
 
     # An app of its own (the module's app keeps its secret for the other tests), 3 days from its end,
     # allowed to renew itself: Application.ReadWrite.OwnedBy and owner of itself.
@@ -1165,6 +1193,13 @@ def test_renewal_rbac_is_off_by_default_named_when_missing_and_exactly_what_rene
               for ev in renewing if (ev.get("objectRef") or {}).get("resource") == "secrets"
               and ev["verb"] not in {"get", "list", "watch"}}  # fmt: skip
     assert writes == {("create", watched, "mail-renewed"), ("patch", watched, "mail-renewed")}, writes
+    # ...and that is not because ownerReferences go unchecked here: setting one on a Secret it did not create
+    # is refused (the admission plugin of the plane fixture is on).
+    owner = json.dumps({"metadata": {"ownerReferences": owned["metadata"]["ownerReferences"]}})
+    adopt = plane.kubectl(
+        "patch", "secret", "exo-app", "-n", watched, f"--as={user}", "-p", owner, check=False
+    )
+    assert "cannot set an ownerRef on a resource you can't delete" in adopt.stderr, adopt
     used = {(g, r, v) for g, r, v, _, code in _calls(plane.audit(user)) if code != 403}
     granted = _rules(plane.get_json("clusterrole", sa))
     assert granted == NAMESPACED_RULES | CLUSTER_ONLY_RULES | {TOKEN_REQUEST_RULE} | RENEW_SECRET_RULES
