@@ -1083,9 +1083,12 @@ def test_renewal_rbac_is_off_by_default_named_when_missing_and_exactly_what_rene
                "--set", "crds.enabled=false")  # fmt: skip
     sa = "renew-smtp-oauth-operator"
     user = f"system:serviceaccount:{namespace}:{sa}"
-    for verb in ("create", "patch", "update", "delete"):
+
+    def may(verb: str) -> bool:
         can = plane.kubectl("auth", "can-i", verb, "secrets", "-n", watched, f"--as={user}", check=False)
-        assert can.stdout.strip() == "no", f"{verb} secrets granted by default"
+        return can.stdout.strip() == "yes"
+
+    assert not [verb for verb in ("create", "patch", "update", "delete") if may(verb)], "granted by default"
     # Rendered, cluster-wide and namespaced: no role writes Secrets unless renewSecrets asks, and then only
     # the operator's own (Cluster)Role, with exactly create and patch.
     for mode in ([], ["--set", "watch.namespaces={team-a,team-b}"]):
@@ -1153,11 +1156,16 @@ def test_renewal_rbac_is_off_by_default_named_when_missing_and_exactly_what_rene
     denied_calls = _calls(plane.audit(user))
     assert ("", "secrets", "patch", watched, 403) in denied_calls
     assert not [c for c in denied_calls if c[4] == 403 and c[:3] != ("", "secrets", "patch")], denied_calls
-    before = len(plane.audit(user))
 
     # Granted (helm upgrade): the next pass (a manual recheck, rather than the 30 s retry) renews to the end.
     plane.helm("upgrade", release, str(CHART), "-n", namespace, "--reuse-values",
                "--set", "rbac.renewSecrets=true")  # fmt: skip
+    # The API server's authorizer sees the new rule shortly after the write: the audited window starts then.
+    deadline = time.monotonic() + 30
+    while not (may("create") and may("patch")):
+        assert time.monotonic() < deadline, "rbac.renewSecrets=true granted nothing"
+        time.sleep(0.2)
+    before = len(plane.audit(user))
     plane.kubectl("annotate", "smtpoauthconfig", "mail", "-n", watched, "smtpoauth.dev/recheck=renew-granted")
     state = _wait_renewal(plane, operator, watched, lambda s: s.get("phase") == "Done", "renewal Done")
     assert "lastFailure" not in state, state
