@@ -15,16 +15,20 @@ validated while the request it makes (GET /healthz) is made against the operator
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import secrets
 import signal
 import ssl
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ from e2e.controlplane import REPO_ROOT, ControlPlane, free_port
 from e2e.fixtures import OPERATOR_CMD, operator_env
 
 from smtp_oauth_operator.testing.devservers import DevServers
+from smtp_oauth_operator.testing.graph import GRAPH_RESOURCE
 
 pytestmark = pytest.mark.e2e
 
@@ -84,6 +89,8 @@ NAMESPACED_RULES = {
 # Granted for workload identity federation (rbac.serviceAccountTokens, on by default); used only by
 # resources with spec.identity.workloadIdentity.serviceAccountName.
 TOKEN_REQUEST_RULE = ("", "serviceaccounts/token", "create")
+# Granted only with rbac.renewSecrets (off by default): client-secret renewal writes the Secret it owns.
+RENEW_SECRET_RULES = {("", "secrets", "create"), ("", "secrets", "patch")}
 CLUSTER_ONLY_RULES = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
@@ -158,6 +165,9 @@ def plane(k8s_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             f"--audit-policy-file={policy}",
             f"--audit-log-path={audit_log}",
             "--audit-log-mode=blocking",  # written before the response: the log is complete when read
+            # On by default in OpenShift: changing an object's ownerReferences needs `delete` on it (create
+            # excepted). The renewal's owned Secret carries one; the chart's rules must be enough with it on.
+            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
         ],
     )
     cp.start()
@@ -1034,3 +1044,177 @@ def test_relay_rbac_is_read_only_sufficient_and_exactly_what_the_relay_uses(
     assert used <= granted
     assert granted - used == set(), f"granted but never used: {granted - used}"
     assert not {v for _, _, v in granted} - {"get", "list", "watch"}  # read-only
+
+
+# --------------------------------------------------------------------------------------------
+# client-secret renewal: rbac.renewSecrets is off by default, named when missing, and exactly what it uses
+
+
+def _renewal_state(plane: Plane, namespace: str, name: str) -> dict[str, Any]:
+    status = plane.get_json("smtpoauthconfig", name, "-n", namespace).get("status") or {}
+    return dict(status.get("renewal") or {})
+
+
+def _wait_renewal(
+    plane: Plane, operator: Operator, namespace: str, done: Callable[[dict[str, Any]], bool], what: str
+) -> dict[str, Any]:
+    """status.renewal of ``namespace``/mail once ``done`` holds."""
+    timeout, name = 90.0, "mail"
+    deadline = time.monotonic() + timeout
+    while not done(state := _renewal_state(plane, namespace, name)):
+        assert operator.alive(), f"the operator exited ({operator.proc.returncode}):\n{operator.log[-4000:]}"
+        assert time.monotonic() < deadline, (
+            f"no {what} within {timeout:.0f}s: {state}\n{operator.log[-4000:]}"
+        )
+        time.sleep(0.5)
+    return state
+
+
+def _secret_verbs(role: Mapping[str, Any]) -> set[str]:
+    return {verb for group, resource, verb in _rules(role) if (group, resource) == ("", "secrets")}
+
+
+def test_renewal_rbac_is_off_by_default_named_when_missing_and_exactly_what_renewal_uses(
+    plane: Plane, dev_servers: DevServers, crd_installed: None, run_operator: Any
+) -> None:
+    release, namespace, watched = "renew", "chart-renew", "chart-renew-mail"
+    plane.ensure_namespace(watched)
+    plane.helm("install", release, str(CHART), "-n", namespace, "--create-namespace",
+               "--set", "crds.enabled=false")  # fmt: skip
+    sa = "renew-smtp-oauth-operator"
+    user = f"system:serviceaccount:{namespace}:{sa}"
+
+    def may(verb: str) -> bool:
+        can = plane.kubectl("auth", "can-i", verb, "secrets", "-n", watched, f"--as={user}", check=False)
+        return can.stdout.strip() == "yes"
+
+    assert not [verb for verb in ("create", "patch", "update", "delete") if may(verb)], "granted by default"
+    # Rendered, cluster-wide and namespaced: no role writes Secrets unless renewSecrets asks, and then only
+    # the operator's own (Cluster)Role, with exactly create and patch.
+    for mode in ([], ["--set", "watch.namespaces={team-a,team-b}"]):
+        for renew in ("false", "true"):
+            docs = plane.template(release, namespace, *mode, "--set", f"rbac.renewSecrets={renew}")
+            verbs = {
+                f"{r['kind']} {r['metadata'].get('namespace', '')}/{r['metadata']['name']}": _secret_verbs(r)
+                for r in _by_kind(docs, "ClusterRole") + _by_kind(docs, "Role")
+            }
+            writing = {name: v for name, v in verbs.items() if v - {"get", "list", "watch"}}
+            expected = (
+                {}
+                if renew == "false"
+                else {
+                    name: {"get", "list", "watch", "create", "patch"}
+                    for name in (
+                        ["ClusterRole /" + sa] if not mode else [f"Role team-a/{sa}", f"Role team-b/{sa}"]
+                    )
+                }
+            )
+            assert writing == expected, (mode, renew, verbs)
+
+    # An app of its own (the module's app keeps its secret for the other tests), 3 days from its end,
+    # allowed to renew itself: Application.ReadWrite.OwnedBy and owner of itself.
+    e, idp = dev_servers.endpoints, dev_servers.idp
+    client_id, old_secret = str(uuid.uuid4()), f"chart-e2e~RENEW.{secrets.token_urlsafe(30)}"
+    idp.register_app(e.tenant_id, client_id, old_secret)
+    dev_servers.exchange.grant(e.mailbox, client_id)
+    idp.grant_api_roles(e.tenant_id, client_id, GRAPH_RESOURCE,
+                        "Application.Read.All", "Application.ReadWrite.OwnedBy")  # fmt: skip
+    idp.add_owner(e.tenant_id, client_id, client_id)
+    end = (datetime.now(UTC) + timedelta(days=3)).replace(microsecond=0)
+    idp.set_secret_end(e.tenant_id, client_id, old_secret, end)
+
+    def passwords() -> dict[str, str]:
+        """keyId → displayName of the app's valid passwords."""
+        with idp.lock:
+            record = idp.app_record(e.tenant_id, client_id)
+            return {
+                m.key_id: m.display_name or "" for v, m in record.password_meta.items() if v in record.secrets
+            }
+
+    (old_key,) = passwords()
+    items = _sample_items(dev_servers, watched)
+    items[1]["stringData"] = {"client-secret": old_secret}
+    identity = items[2]["spec"]["identity"]
+    identity["clientId"] = client_id
+    identity["discovery"] = {"graph": True, "graphHost": e.graph_host}
+    identity["clientSecret"]["renewal"] = {"renewBefore": "30d", "validity": "180d", "gracePeriod": "3s"}
+
+    operator = run_operator(namespace, sa, ["--all-namespaces"], "renew")
+    plane.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+
+    # Without rbac.renewSecrets: the renewal fails at its first write, named, before Graph holds anything of
+    # ours; the resource stays Ready on the secret it has.
+    state = _wait_renewal(plane, operator, watched, lambda s: "lastFailure" in s, "a renewal failure")
+    failure = state["lastFailure"]
+    assert (state["phase"], failure["step"], failure["reason"]) == ("Adding", "addPassword", "AccessDenied")
+    assert f"may not patch Secret {watched}/mail-renewed" in failure["message"], failure
+    assert "rbac.renewSecrets" in failure["message"], failure
+    assert list(passwords()) == [old_key]
+    ready = _ready(plane, watched, "mail")
+    assert ready is not None
+    assert (ready["status"], ready["reason"]) == ("True", "ConnectionTested"), ready
+    denied_calls = _calls(plane.audit(user))
+    assert ("", "secrets", "patch", watched, 403) in denied_calls
+    assert not [c for c in denied_calls if c[4] == 403 and c[:3] != ("", "secrets", "patch")], denied_calls
+
+    # Granted (helm upgrade): the next pass (a manual recheck, rather than the 30 s retry) renews to the end.
+    plane.helm("upgrade", release, str(CHART), "-n", namespace, "--reuse-values",
+               "--set", "rbac.renewSecrets=true")  # fmt: skip
+    # The API server's authorizer sees the new rule shortly after the write: the audited window starts then.
+    deadline = time.monotonic() + 30
+    while not (may("create") and may("patch")):
+        assert time.monotonic() < deadline, "rbac.renewSecrets=true granted nothing"
+        time.sleep(0.2)
+    before = len(plane.audit(user))
+    plane.kubectl("annotate", "smtpoauthconfig", "mail", "-n", watched, "smtpoauth.dev/recheck=renew-granted")
+    state = _wait_renewal(plane, operator, watched, lambda s: s.get("phase") == "Done", "renewal Done")
+    assert "lastFailure" not in state, state
+    after = passwords()
+    assert old_key not in after  # the old credential removed after the grace period...
+    assert list(after) == [state["newKeyId"]]  # ...and exactly one added, the one recorded
+    assert after[state["newKeyId"]].startswith("smtp-oauth-operator renewal ")
+    owned = plane.get_json("secret", state["secretName"], "-n", watched)
+    assert state["secretName"] == "mail-renewed"
+    assert owned["metadata"]["labels"]["velero.io/exclude-from-backup"] == "true"
+    assert owned["metadata"]["ownerReferences"][0]["kind"] == "SmtpOAuthConfig"
+    new_secret = base64.b64decode(owned["data"]["client-secret"]).decode()
+    assert new_secret in dev_servers.graph.returned_secrets
+    wait = plane.kubectl(
+        "wait", "--for=condition=Ready", "smtpoauthconfig/mail", "-n", watched, "--timeout=60s", check=False
+    )
+    assert wait.returncode == 0, f"{wait.stderr}\n{_ready(plane, watched, 'mail')}\n{operator.log[-4000:]}"
+    status = plane.get_json("smtpoauthconfig", "mail", "-n", watched)["status"]
+    ends = datetime.strptime(status["clientSecretExpiresAt"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert ends > datetime.now(UTC) + timedelta(days=170)  # tested and switched to the renewed secret
+    events = plane.get_json("events", "-n", watched, "--field-selector", "involvedObject.name=mail")["items"]
+    reasons = [ev["reason"] for ev in events]
+    assert reasons.count("RenewalFailed") == 1, reasons  # once, not on every retry
+    for reason in ("RenewalCredentialAdded", "RenewalSwitched", "RenewalOldCredentialRemoved"):
+        assert reason in reasons, reasons
+
+    # The audit log: with the grant, no 403; Secret writes are create and patch of its own Secret only;
+    # everything used is granted, and everything granted is used.
+    renewing = plane.audit(user)[before:]
+    calls = _calls(renewing)
+    assert not [c for c in calls if c[4] == 403], calls
+    writes = {(ev["verb"], ev["objectRef"]["namespace"], ev["objectRef"].get("name"))
+              for ev in renewing if (ev.get("objectRef") or {}).get("resource") == "secrets"
+              and ev["verb"] not in {"get", "list", "watch"}}  # fmt: skip
+    assert writes == {("create", watched, "mail-renewed"), ("patch", watched, "mail-renewed")}, writes
+    # ...and that is not because ownerReferences go unchecked here: setting one on a Secret it did not create
+    # is refused (the admission plugin of the plane fixture is on).
+    owner = json.dumps({"metadata": {"ownerReferences": owned["metadata"]["ownerReferences"]}})
+    adopt = plane.kubectl(
+        "patch", "secret", "exo-app", "-n", watched, f"--as={user}", "-p", owner, check=False
+    )
+    assert "cannot set an ownerRef on a resource you can't delete" in adopt.stderr, adopt
+    used = {(g, r, v) for g, r, v, _, code in _calls(plane.audit(user)) if code != 403}
+    granted = _rules(plane.get_json("clusterrole", sa))
+    assert granted == NAMESPACED_RULES | CLUSTER_ONLY_RULES | {TOKEN_REQUEST_RULE} | RENEW_SECRET_RULES
+    assert {v for g, r, v in used if (g, r) == ("", "secrets")} == {"get", "list", "watch", "create", "patch"}
+    assert used <= granted
+    assert granted - used - {TOKEN_REQUEST_RULE} == set(), f"granted but never used: {granted - used}"
+
+    text = "\n".join([operator.log, json.dumps(status), json.dumps(events)])
+    for value in (old_secret, new_secret):
+        assert value not in text

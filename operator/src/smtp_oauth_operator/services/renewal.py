@@ -215,7 +215,7 @@ class Renewer:
         if adopted is None:
             labels, owner = _owned_labels(meta), _owner(body)
             # The Secret first, empty: a missing RBAC rule fails here, before Graph holds anything of ours.
-            await self.kube.write_secret(
+            await self._write_secret(
                 namespace, name, {}, labels=labels, annotations={INTENT_ANNOTATION: intent}, owner=owner
             )
             graph = await self._graph(spec, inputs, tokens)
@@ -239,7 +239,7 @@ class Renewer:
                     Reason.GRAPH_UNAVAILABLE,
                     "Microsoft Graph's addPassword answer had no secretText or keyId",
                 )
-            await self.kube.write_secret(
+            await self._write_secret(
                 namespace,
                 name,
                 {OWNED_KEY: secret},
@@ -606,6 +606,19 @@ class Renewer:
         )
 
     # ---------------------------------------------------------------------------------------- helpers
+
+    async def _write_secret(self, namespace: str, name: str, data: Mapping[str, str], **meta: Any) -> None:
+        try:
+            await self.kube.write_secret(namespace, name, data, **meta)
+        except CheckFailed as exc:
+            if exc.reason is not Reason.ACCESS_DENIED:
+                raise
+            # Off by default in the chart: say which value grants it, not only which call was refused.
+            raise CheckFailed(
+                exc.reason,
+                f"{exc.message}; renewal stores the new secret in that Secret: grant create and patch on "
+                "Secrets (Helm chart: rbac.renewSecrets=true)",
+            ) from None
 
     async def _listing(
         self, spec: SmtpOAuthSpec, inputs: Inputs, tokens: TokenProvider, now: datetime
