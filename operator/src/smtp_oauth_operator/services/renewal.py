@@ -595,7 +595,7 @@ class Renewer:
 
     async def _store_pair(self, body: Mapping[str, Any], name: str, cert: CertificateCredential) -> None:
         meta = body.get("metadata") or {}
-        await self.kube.write_secret(
+        await self._write_secret(
             str(meta.get("namespace") or "default"),
             name,
             {"tls.crt": cert.chain_pem, "tls.key": cert.private_key_pem},
@@ -616,7 +616,7 @@ class Renewer:
             # Off by default in the chart: say which value grants it, not only which call was refused.
             raise CheckFailed(
                 exc.reason,
-                f"{exc.message}; renewal stores the new secret in that Secret: grant create and patch on "
+                f"{exc.message}; renewal stores the credential in use in that Secret: grant create and patch on "
                 "Secrets (Helm chart: rbac.renewSecrets=true)",
             ) from None
 
