@@ -5,10 +5,16 @@ stores it in a Secret it owns, tests with it, switches, and removes the old pass
 grace period. Killed once after each recorded step, it still ends with exactly one password added, the old one
 removed and the new one working at the local Entra ID. An interrupted add whose value was lost (a credential
 carrying the renewal's intent, no Secret) is cleaned up, not doubled.
+
+Certificates: cert-manager writes a new certificate *and key* into the referenced Secret; the operator,
+whose app has no Graph write permission at all, registers it with addKey (proof signed by its copy of the
+registered pair), tests, switches and removes the old one with removeKey — SIGKILLed once after each step,
+with Ready True throughout and exactly the new certificate registered at the end.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -25,6 +31,7 @@ from e2e.fixtures import MAILBOX, RELAY_USER, App, Dev, Namespace, OperatorProce
 
 from smtp_oauth_operator.testing.graph import GRAPH_RESOURCE
 from smtp_oauth_operator.testing.idp import EXCHANGE_RESOURCE
+from smtp_oauth_operator.testing.pki import ClientCredentialCert, client_credential_cert
 
 pytestmark = pytest.mark.e2e
 
@@ -321,4 +328,142 @@ def test_the_relay_follows_a_renewal(
         smtp.sendmail(MAILBOX, ["ops@contoso.com"], f"Subject: {subject}\r\n\r\nrenewed\r\n")
     assert any(m.message["Subject"] == subject for m in dev.messages(app))
     assert app.secret not in relay.output()
+    _no_leak(dev, ns, operator, "mail")
+
+
+# ---------------------------------------------------------------------------------------------------- certificates
+
+
+def _tls(ns: Namespace, cert: ClientCredentialCert, name: str = "exo-app-cert") -> None:
+    secret = cert.secret(name, ns.name)
+    del secret["metadata"]["namespace"]
+    ns.apply(secret)
+
+
+def _cert_spec(dev: Dev, app: App, grace: str) -> dict[str, Any]:
+    spec = dev.spec(app)
+    del spec["identity"]["clientSecret"]
+    spec["identity"]["clientCertificate"] = {
+        "secretRef": {"name": "exo-app-cert"},
+        "renewal": {"gracePeriod": grace},
+    }
+    spec["identity"]["discovery"] = {"graph": True, "graphHost": dev.graph.base_url}
+    return spec
+
+
+def _registered(dev: Dev, app: App) -> set[str]:
+    """SHA-256 thumbprints of the certificates the app has registered (what the token endpoint accepts)."""
+    with dev.idp.lock:
+        return set(dev.idp.app_record(app.tenant_id, app.client_id).certificates)
+
+
+def _secret_text(ns: Namespace, name: str, key: str) -> str:
+    return base64.b64decode(ns.get("secret", name)["data"][key]).decode()
+
+
+def test_certificate_renewal_registers_the_new_certificate_surviving_a_sigkill_after_every_step(
+    ns: Namespace, dev: Dev, operator: OperatorProcess
+) -> None:
+    app = dev.new_app()
+    # Discovery only: rolling its own keys needs no Graph write permission.
+    dev.idp.grant_api_roles(app.tenant_id, app.client_id, GRAPH_RESOURCE, "Application.Read.All")
+    old = client_credential_cert("exo-app")
+    dev.idp.add_certificate(app.tenant_id, app.client_id, old.cert_pem)
+    _tls(ns, old)
+    ns.smtp_oauth_config("mail", _cert_spec(dev, app, grace="8s"))
+    wait_until(
+        lambda: _renewal(ns).get("phase") == "Done", timeout=60, what="the copy of the registered pair"
+    )
+    ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested")
+    copy = ns.get("secret", "mail-renewed")
+    assert copy["type"] == "kubernetes.io/tls"
+    assert copy["metadata"]["labels"]["velero.io/exclude-from-backup"] == "true"
+    assert _secret_text(ns, "mail-renewed", "tls.crt").strip() == old.cert_pem.strip()
+    assert _renewal(ns)["thumbprint"] == old.thumbprint_sha1
+
+    # cert-manager renews (rotationPolicy: Always): a new key and certificate, not registered on the app.
+    new = client_credential_cert("exo-app")
+    _tls(ns, new)
+    seen: list[str] = []
+    for phase in ("Adding", "Testing", "Active", "Removing"):
+        wait_until(
+            lambda p=phase: (
+                _renewal(ns).get("newThumbprint") == new.thumbprint_sha1
+                and _renewal(ns).get("phase") in _after(p)
+            ),
+            timeout=60,
+            what=f"certificate renewal phase {phase}",
+        )
+        seen.append(str(_renewal(ns).get("phase")))
+        _kill(operator)
+        operator.start()
+    wait_until(
+        lambda: _renewal(ns).get("phase") == "Done" and bool(_renewal(ns).get("removedAt")),
+        timeout=60,
+        what="certificate renewal done",
+    )
+    state = _renewal(ns)
+    assert _registered(dev, app) == {new.thumbprint_sha256}, seen  # the new one added once, the old one gone
+    assert dev.graph.requests["addKey"] >= 1
+    assert state["thumbprint"] == new.thumbprint_sha1
+    assert state["oldThumbprint"] == old.thumbprint_sha1
+    assert _secret_text(ns, "mail-renewed", "tls.crt").strip() == new.cert_pem.strip()
+    obj = ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested")
+    assert obj["status"]["clientCertificate"]["thumbprintSHA256"] == new.thumbprint_sha256
+    renewal = ns.condition(obj, "Renewal")
+    assert renewal is not None
+    assert (renewal["status"], renewal["reason"]) == ("True", "Renewed")
+    reasons = ns.event_reasons("mail")
+    for reason in ("RenewalPrepared", "RenewalStarted", "RenewalCredentialAdded", "RenewalSwitched"):
+        assert reason in reasons, reasons
+    assert "RenewalOldCredentialRemoved" in reasons
+    assert "ConnectionTestFailed" not in reasons  # the unregistered certificate was never used
+    assert "RenewalFailed" not in reasons
+    text = "\n".join([operator.log(), json.dumps(ns.config("mail")), json.dumps(ns.events_for("mail"))])
+    for key in (old.key_pem, new.key_pem):
+        body = "".join(line for line in key.splitlines() if not line.startswith("-----"))
+        leaked = [body[i : i + PIECE] for i in range(len(body) - PIECE + 1) if body[i : i + PIECE] in text]
+        assert not leaked, f"a piece of a private key appears in the output: {leaked[:1]}"
+    _no_leak(dev, ns, operator, "mail")
+
+
+def test_a_refused_addkey_is_named_ready_stays_and_the_renewal_resumes(
+    ns: Namespace, dev: Dev, operator: OperatorProcess
+) -> None:
+    app = dev.new_app()
+    dev.idp.grant_api_roles(app.tenant_id, app.client_id, GRAPH_RESOURCE, "Application.Read.All")
+    old = client_credential_cert("exo-app")
+    dev.idp.add_certificate(app.tenant_id, app.client_id, old.cert_pem)
+    _tls(ns, old)
+    ns.smtp_oauth_config("mail", _cert_spec(dev, app, grace="2s"))
+    wait_until(
+        lambda: _renewal(ns).get("phase") == "Done", timeout=60, what="the copy of the registered pair"
+    )
+    dev.graph.deny(operation="write")
+    try:
+        new = client_credential_cert("exo-app")
+        _tls(ns, new)
+        wait_until(lambda: ns.count_events("mail", "RenewalFailed") == 1, timeout=60, what="RenewalFailed")
+        obj = ns.config("mail")
+        renewal = ns.condition(obj, "Renewal")
+        assert renewal is not None
+        assert (renewal["status"], renewal["reason"]) == ("False", "RenewalFailed")
+        assert "addKey" in renewal["message"]
+        assert _renewal(ns)["lastFailure"]["step"] == "addKey"
+        assert _registered(dev, app) == {old.thumbprint_sha256}
+        # The registered copy is still what the resource uses: a re-test passes.
+        ns.kubectl("annotate", "smtpoauthconfig", "mail", "smtpoauth.dev/recheck=after-deny", "--overwrite")
+        ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested")
+    finally:
+        dev.graph.clear_faults()
+    wait_until(
+        lambda: _renewal(ns).get("phase") == "Done" and bool(_renewal(ns).get("removedAt")),
+        timeout=90,
+        what="the renewal to resume once Graph allows it",
+    )
+    assert _registered(dev, app) == {new.thumbprint_sha256}
+    assert ns.count_events("mail", "RenewalFailed") == 1  # once per step and reason, not per retry
+    renewal = ns.condition(ns.config("mail"), "Renewal")
+    assert renewal is not None
+    assert renewal["reason"] == "Renewed"
     _no_leak(dev, ns, operator, "mail")

@@ -316,6 +316,10 @@ class ClientCredentialCert:
     def thumbprint_sha256(self) -> str:
         return self.certificate.fingerprint(hashes.SHA256()).hex()
 
+    @property
+    def thumbprint_sha1(self) -> str:
+        return self.certificate.fingerprint(hashes.SHA1()).hex()
+
     def secret(self, name: str, namespace: str) -> dict[str, object]:
         """The kubernetes.io/tls Secret manifest holding this credential."""
         return {
