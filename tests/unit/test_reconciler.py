@@ -8,6 +8,7 @@ tests/integration/test_reconciler_faults.py, against the real local peers.
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib
 import inspect
 import time
@@ -340,3 +341,21 @@ async def test_a_pass_deadline_frees_the_worker_and_backs_off(api: FakeApi) -> N
     reconciler.observe(api.create(NS, "a", SPEC))
     assert await asyncio.wait_for(reconciler.process_next(), 2) == (NS, "a")
     assert reconciler._queue.queue.due((NS, "a")) == clock.now + 15.0
+
+
+async def test_the_secret_a_renewal_switched_to_is_referenced_too(api: FakeApi) -> None:
+    """A deleted or edited {name}-renewed must cause a pass, like the spec's own Secret (not indexed before)."""
+    reconciler = Reconciler(api, TokenProvider(), Metrics())  # type: ignore[arg-type]
+    spec = copy.deepcopy(SPEC)
+    spec["identity"]["discovery"] = {"graph": True}
+    spec["identity"]["clientSecret"]["renewal"] = {}
+    body = api.create(NS, "a", spec)
+    reconciler.observe(body)
+    assert reconciler.is_referenced("Secret", NS, "exo-app")
+    assert not reconciler.is_referenced("Secret", NS, "a-renewed")
+    switched = copy.deepcopy(body)
+    switched["metadata"]["resourceVersion"] = str(int(body["metadata"]["resourceVersion"]) + 1)
+    switched["status"] = {"renewal": {"kind": "ClientSecret", "phase": "Active", "secretName": "a-renewed"}}
+    reconciler.observe(switched)  # a status-only change: no pass needed, but the index follows it
+    assert reconciler.is_referenced("Secret", NS, "a-renewed")
+    assert reconciler.is_referenced("Secret", NS, "exo-app")  # the SealedSecret may update it; still watched

@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from smtp_oauth_operator.domain.reasons import Reason
-from smtp_oauth_operator.domain.spec import KeyRef, SmtpOAuthSpec
+from smtp_oauth_operator.domain.spec import KeyRef, SmtpOAuthSpec, SpecError, parse_spec
 
 __all__ = [
     "CERTIFICATE",
@@ -24,6 +24,7 @@ __all__ = [
     "SWITCHED",
     "condition",
     "owned_secret_name",
+    "references",
     "renewed_spec",
     "state_of",
 ]
@@ -119,3 +120,13 @@ def condition(state: Mapping[str, Any] | None) -> tuple[str, Reason, str]:
             f"the old credential was removed at {state.get('removedAt') or '?'}.",
         )
     return "True", Reason.RENEWAL_SCHEDULED, "Nothing to renew yet: renewal starts renewBefore the expiry."
+
+
+def references(body: Mapping[str, Any]) -> set[tuple[Literal["Secret", "ConfigMap"], str]]:
+    """(kind, name) of the objects whose change calls for a pass of ``body``: the spec's, and the Secret a
+    renewal made the one in use (a deleted or edited ``{name}-renewed`` must be noticed too)."""
+    try:
+        spec = parse_spec(body.get("spec"))
+    except SpecError:
+        return set()
+    return spec.referenced_objects() | renewed_spec(spec, state_of(body)).referenced_objects()

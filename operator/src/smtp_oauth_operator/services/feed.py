@@ -32,7 +32,8 @@ from typing import Any, Literal, Protocol
 
 from smtp_oauth_operator.clients.identity import TokenProvider
 from smtp_oauth_operator.clients.watching import CONFIGMAPS, SECRETS, ApiConnection, Informer, Kind
-from smtp_oauth_operator.domain.spec import GROUP, KIND, PLURAL, VERSION, SpecError, parse_spec
+from smtp_oauth_operator.domain.renewal import references
+from smtp_oauth_operator.domain.spec import GROUP, KIND, PLURAL, VERSION
 
 __all__ = ["CONFIGS", "Feed", "Reconciling"]
 
@@ -196,11 +197,7 @@ class Feed:
     def _note_references(self, body: Mapping[str, Any]) -> None:
         """Remember, as never known, the objects ``body`` made referenced that the feed has no version of."""
         namespace = _key(body)[0]
-        try:
-            refs = parse_spec(body.get("spec")).referenced_objects()
-        except SpecError:
-            return  # the reconciler indexes nothing for an invalid spec either
-        for kind, name in refs:
+        for kind, name in references(body):
             key = (namespace, name)
             if key not in self._versions[kind] and self.reconciler.is_referenced(kind, *key):
                 self._versions[kind][key] = None

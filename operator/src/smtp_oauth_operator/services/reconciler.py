@@ -45,7 +45,8 @@ from smtp_oauth_operator.clients.identity import TokenProvider
 from smtp_oauth_operator.clients.kube import Kube, KubeUnavailable
 from smtp_oauth_operator.clients.metrics import Metrics
 from smtp_oauth_operator.domain.reasons import CheckFailed
-from smtp_oauth_operator.domain.spec import RECHECK_ANNOTATION, SpecError, parse_spec
+from smtp_oauth_operator.domain.renewal import references
+from smtp_oauth_operator.domain.spec import RECHECK_ANNOTATION
 from smtp_oauth_operator.domain.status import Alarm
 from smtp_oauth_operator.services.connection import send_mail
 from smtp_oauth_operator.services.discovery import GraphDiscovery
@@ -124,12 +125,8 @@ def _trigger(body: Mapping[str, Any]) -> tuple[Any, ...]:
     return (meta.get("generation"), (meta.get("annotations") or {}).get(RECHECK_ANNOTATION), meta.get("uid"))
 
 
-def _refs(namespace: str, spec: Any) -> set[RefKey]:
-    try:
-        parsed = parse_spec(spec)
-    except SpecError:
-        return set()
-    return {(kind, namespace, name) for kind, name in parsed.referenced_objects()}
+def _refs(namespace: str, body: Mapping[str, Any]) -> set[RefKey]:
+    return {(kind, namespace, name) for kind, name in references(body)}
 
 
 def _renewal_steps(kind: str) -> str:
@@ -240,13 +237,13 @@ class Reconciler:
             if entry is not None:
                 self._index(key, entry, set())
             entry = self._entries[key] = _Entry(_pack(body), trigger, _version(body))
-            self._index(key, entry, _refs(key[0], body.get("spec")))
+            self._index(key, entry, _refs(key[0], body))
             self._queue.add(key)
             return
         before = entry.trigger
         if not entry.keep(body):
             return  # older than (or the same as) what we hold
-        self._index(key, entry, _refs(key[0], body.get("spec")))
+        self._index(key, entry, _refs(key[0], body))
         if entry.trigger != before:
             self._queue.add(key)
 
@@ -555,10 +552,9 @@ class Reconciler:
             return False
         # Our own write is the latest version we know (forward only: a newer trigger it carries is
         # compared by the caller with what the pass evaluated).
-        before = entry.trigger
         entry.keep(updated)
-        if entry.trigger != before:
-            self._index(key, entry, _refs(key[0], updated.get("spec")))
+        # Indexed again even for a status-only write: a renewal's switch changes the Secret in use.
+        self._index(key, entry, _refs(key[0], updated))
         return True
 
     async def _flush(self, key: Key, entry: _Entry) -> None:
