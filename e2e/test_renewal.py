@@ -357,6 +357,21 @@ def _registered(dev: Dev, app: App) -> set[str]:
         return set(dev.idp.app_record(app.tenant_id, app.client_id).certificates)
 
 
+def _certificate_config(ns: Namespace, dev: Dev, grace: str) -> tuple[App, ClientCredentialCert]:
+    """A registered certificate under renewal, once the operator has copied it (phase Done)."""
+    app = dev.new_app()
+    # Discovery only: rolling its own keys needs no Graph write permission.
+    dev.idp.grant_api_roles(app.tenant_id, app.client_id, GRAPH_RESOURCE, "Application.Read.All")
+    old = client_credential_cert("exo-app")
+    dev.idp.add_certificate(app.tenant_id, app.client_id, old.cert_pem)
+    _tls(ns, old)
+    ns.smtp_oauth_config("mail", _cert_spec(dev, app, grace=grace))
+    wait_until(
+        lambda: _renewal(ns).get("phase") == "Done", timeout=60, what="the copy of the registered pair"
+    )
+    return app, old
+
+
 def _secret_text(ns: Namespace, name: str, key: str) -> str:
     return base64.b64decode(ns.get("secret", name)["data"][key]).decode()
 
@@ -364,16 +379,7 @@ def _secret_text(ns: Namespace, name: str, key: str) -> str:
 def test_certificate_renewal_registers_the_new_certificate_surviving_a_sigkill_after_every_step(
     ns: Namespace, dev: Dev, operator: OperatorProcess
 ) -> None:
-    app = dev.new_app()
-    # Discovery only: rolling its own keys needs no Graph write permission.
-    dev.idp.grant_api_roles(app.tenant_id, app.client_id, GRAPH_RESOURCE, "Application.Read.All")
-    old = client_credential_cert("exo-app")
-    dev.idp.add_certificate(app.tenant_id, app.client_id, old.cert_pem)
-    _tls(ns, old)
-    ns.smtp_oauth_config("mail", _cert_spec(dev, app, grace="8s"))
-    wait_until(
-        lambda: _renewal(ns).get("phase") == "Done", timeout=60, what="the copy of the registered pair"
-    )
+    app, old = _certificate_config(ns, dev, grace="8s")
     ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested")
     copy = ns.get("secret", "mail-renewed")
     assert copy["type"] == "kubernetes.io/tls"
@@ -430,15 +436,7 @@ def test_certificate_renewal_registers_the_new_certificate_surviving_a_sigkill_a
 def test_a_refused_addkey_is_named_ready_stays_and_the_renewal_resumes(
     ns: Namespace, dev: Dev, operator: OperatorProcess
 ) -> None:
-    app = dev.new_app()
-    dev.idp.grant_api_roles(app.tenant_id, app.client_id, GRAPH_RESOURCE, "Application.Read.All")
-    old = client_credential_cert("exo-app")
-    dev.idp.add_certificate(app.tenant_id, app.client_id, old.cert_pem)
-    _tls(ns, old)
-    ns.smtp_oauth_config("mail", _cert_spec(dev, app, grace="2s"))
-    wait_until(
-        lambda: _renewal(ns).get("phase") == "Done", timeout=60, what="the copy of the registered pair"
-    )
+    app, old = _certificate_config(ns, dev, grace="2s")
     dev.graph.deny(operation="write")
     try:
         new = client_credential_cert("exo-app")

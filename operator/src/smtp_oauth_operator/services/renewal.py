@@ -139,11 +139,7 @@ class Renewer:
             if phase == "Testing":
                 return await self._test(state, spec, meta, tokens, source, now)
             if phase == "Active":
-                remove_after = parse_time(str(state.get("removeAfter") or timestamp(now)))
-                if now < remove_after:
-                    return Step(next_due=remove_after)
-                state["phase"] = "Removing"
-                return Step(state, next_due=now + NEXT_STEP)
+                return _after_grace(state, now)
             if phase == "Removing":
                 return await self._remove(state, spec, inputs, tokens, discovered, now)
         except CheckFailed as exc:
@@ -310,12 +306,18 @@ class Renewer:
                 Reason.GRAPH_UNAVAILABLE,
                 f"refusing to remove keyId {old or '?'}: it is the credential in use (the new one is {new or '?'})",
             )
+        certificate = state.get("kind") == CERTIFICATE
         if any(c.get("keyId") == old for c in listing):
-            await remove_password(await self._graph(spec, inputs, tokens), old)
+            graph = await self._graph(spec, inputs, tokens)
+            if certificate:  # the proof is signed by the new pair, now in use
+                await remove_key(graph, old, self._proof(inputs, found, now))
+            else:
+                await remove_password(graph, old)
             self.discovery.forget(spec)
         new_state = {**state, "phase": "Done", "removedAt": timestamp(now)}
         new_state.pop("lastFailure", None)
-        message = f"Removed the old client secret (keyId {old}) after the grace period; renewal done."
+        noun = "certificate" if certificate else "client secret"
+        message = f"Removed the old {noun} (keyId {old}) after the grace period; renewal done."
         return Step(new_state, [Event("Normal", "RenewalOldCredentialRemoved", message)])
 
     # ------------------------------------------------------------------------------ certificates
@@ -353,13 +355,9 @@ class Renewer:
             if phase == "Testing":
                 return await self._test_certificate(state, original, body, tokens, source, now)
             if phase == "Active":
-                remove_after = parse_time(str(state.get("removeAfter") or timestamp(now)))
-                if now < remove_after:
-                    return Step(next_due=remove_after)
-                state["phase"] = "Removing"
-                return Step(state, next_due=now + NEXT_STEP)
+                return _after_grace(state, now)
             if phase == "Removing":
-                return await self._remove_certificate(state, spec, inputs, tokens, found, now)
+                return await self._remove(state, spec, inputs, tokens, found, now)
         except CheckFailed as exc:
             return self._failed({**state, "kind": CERTIFICATE}, str(phase), exc, now)
         return Step()
@@ -464,24 +462,7 @@ class Renewer:
             key_id = str(known[0]["keyId"])
             what = f"Microsoft Graph already lists the new certificate as keyId {key_id}: adopted"
         else:
-            signer = inputs.certificate
-            object_id = found.object_id
-            if signer is None or not object_id:
-                raise CheckFailed(
-                    Reason.GRAPH_UNAVAILABLE,
-                    "the application's object ID or the registered pair is not known",
-                )
-            try:
-                proof = proof_of_possession(
-                    object_id=object_id,
-                    private_key_pem=signer.private_key_pem.encode(),
-                    certificate_der=signer.leaf_der,
-                    now=now,
-                )
-            except CertificateError as exc:
-                raise CheckFailed(
-                    Reason.CERTIFICATE_INVALID, f"cannot sign the proof of possession: {exc}"
-                ) from None
+            proof = self._proof(inputs, found, now)  # signed by the registered pair, still in use
             graph = await self._graph(spec, inputs, tokens)
             added = await add_key(graph, fresh.leaf_der, fresh.subject[:200] or "smtp-oauth-operator", proof)
             key_id = str(added.get("keyId") or "")
@@ -540,41 +521,25 @@ class Renewer:
         )
         return Step(new_state, [Event("Normal", "RenewalSwitched", message)], remove_after)
 
-    async def _remove_certificate(
-        self,
-        state: dict[str, Any],
-        spec: SmtpOAuthSpec,
-        inputs: Inputs,
-        tokens: TokenProvider,
-        found: Discovery,
-        now: datetime,
-    ) -> Step:
-        old, new = str(state.get("oldKeyId") or ""), str(state.get("newKeyId") or "")
-        listing = await self._listing(spec, inputs, tokens, now)
-        if not old or old == new or old in found.in_use:
+    @staticmethod
+    def _proof(inputs: Inputs, found: Discovery, now: datetime) -> str:
+        """A proof of possession signed by the pair in use (Graph's addKey / removeKey)."""
+        signer = inputs.certificate
+        if signer is None or not found.object_id:
             raise CheckFailed(
-                Reason.GRAPH_UNAVAILABLE,
-                f"refusing to remove keyId {old or '?'}: it is the certificate in use (the new one is {new or '?'})",
+                Reason.GRAPH_UNAVAILABLE, "the application's object ID or the registered pair is not known"
             )
-        if any(c.get("keyId") == old for c in listing):
-            signer = inputs.certificate
-            if signer is None or not found.object_id:
-                raise CheckFailed(
-                    Reason.GRAPH_UNAVAILABLE,
-                    "the application's object ID or the registered pair is not known",
-                )
-            proof = proof_of_possession(
+        try:
+            return proof_of_possession(
                 object_id=found.object_id,
                 private_key_pem=signer.private_key_pem.encode(),
                 certificate_der=signer.leaf_der,
                 now=now,
             )
-            await remove_key(await self._graph(spec, inputs, tokens), old, proof)
-            self.discovery.forget(spec)
-        new_state = {**state, "phase": "Done", "removedAt": timestamp(now)}
-        new_state.pop("lastFailure", None)
-        message = f"Removed the old certificate (keyId {old}) after the grace period; renewal done."
-        return Step(new_state, [Event("Normal", "RenewalOldCredentialRemoved", message)])
+        except CertificateError as exc:
+            raise CheckFailed(
+                Reason.CERTIFICATE_INVALID, f"cannot sign the proof of possession: {exc}"
+            ) from None
 
     @staticmethod
     def _referenced(original: SmtpOAuthSpec) -> str:
@@ -694,3 +659,11 @@ def _owner(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def _grace(spec: SmtpOAuthSpec) -> timedelta | None:
     return spec.client_certificate.renewal_grace if spec.client_certificate else None
+
+
+def _after_grace(state: dict[str, Any], now: datetime) -> Step:
+    """``Active``: wait out the grace period, then record ``Removing``."""
+    remove_after = parse_time(str(state.get("removeAfter") or timestamp(now)))
+    if now < remove_after:
+        return Step(next_due=remove_after)
+    return Step({**state, "phase": "Removing"}, next_due=now + NEXT_STEP)
