@@ -24,6 +24,7 @@ from smtp_oauth_operator.domain.discovery import describe
 from smtp_oauth_operator.domain.objects import SourceObject
 from smtp_oauth_operator.domain.reasons import CheckFailed, Reason
 from smtp_oauth_operator.domain.spec import GROUP, KIND
+from smtp_oauth_operator.services.connection import token_file_reader
 from smtp_oauth_operator.services.evaluation import evaluate
 
 __all__ = ["main"]
@@ -61,25 +62,17 @@ class ManifestSource:
     def assertion_source(self, namespace: str, service_account: str, audience: str) -> Callable[[], str]:
         """Workload identity offline: the ServiceAccount token from ``--token-file``, re-read on each
         use (``kubectl create token NAME --audience AUDIENCE > FILE``)."""
-        path = self._token_file
+        if self._token_file is not None:
+            return token_file_reader(self._token_file, "--token-file")
 
-        def fetch() -> str:
-            if path is None:
-                raise CheckFailed(
-                    Reason.SERVICE_ACCOUNT_NOT_FOUND,
-                    f"no token for ServiceAccount {namespace}/{service_account}: pass --token-file with "
-                    f"the output of kubectl create token {service_account} -n {namespace} --audience {audience}",
-                )
-            try:
-                with open(path, encoding="utf-8") as fh:
-                    return fh.read().strip()
-            except OSError as exc:
-                raise CheckFailed(
-                    Reason.SERVICE_ACCOUNT_NOT_FOUND,
-                    f"cannot read --token-file {path} ({exc.strerror or 'unreadable'})",
-                ) from None
+        def missing() -> str:
+            raise CheckFailed(
+                Reason.SERVICE_ACCOUNT_NOT_FOUND,
+                f"no token for ServiceAccount {namespace}/{service_account}: pass --token-file with "
+                f"the output of kubectl create token {service_account} -n {namespace} --audience {audience}",
+            )
 
-        return fetch
+        return missing
 
 
 def _decode(obj: Mapping[str, Any], key: tuple[str, str, str]) -> dict[str, str]:

@@ -40,6 +40,7 @@ __all__ = [
     "resolve",
     "run",
     "send_mail",
+    "token_file_reader",
     "token_request",
 ]
 
@@ -165,6 +166,13 @@ def _operator_assertion() -> FederatedAssertion:
             "is unset): label its ServiceAccount and Pod for Azure Workload Identity",
         )
 
+    return FederatedAssertion(f"file:{path}", token_file_reader(path, "the operator's federated token"))
+
+
+def token_file_reader(path: str, what: str) -> Callable[[], str]:
+    """Reads a ServiceAccount token file on each call (kubelet rotates it); a failure is
+    ServiceAccountNotFound naming ``what``, never the token."""
+
     def read() -> str:
         try:
             with open(path, encoding="utf-8") as fh:
@@ -172,10 +180,10 @@ def _operator_assertion() -> FederatedAssertion:
         except OSError as exc:
             raise CheckFailed(
                 Reason.SERVICE_ACCOUNT_NOT_FOUND,
-                f"cannot read the operator's federated token {path} ({exc.strerror or 'unreadable'})",
+                f"cannot read {what} {path} ({exc.strerror or 'unreadable'})",
             ) from None
 
-    return FederatedAssertion(f"file:{path}", read)
+    return read
 
 
 def _check_operator_identity(spec: SmtpOAuthSpec) -> None:
