@@ -381,10 +381,10 @@ def test_certificate_renewal_registers_the_new_certificate_surviving_a_sigkill_a
 ) -> None:
     app, old = _certificate_config(ns, dev, grace="8s")
     ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested")
-    copy = ns.get("secret", "mail-renewed")
+    copy = ns.get("secret", "mail-registered")
     assert copy["type"] == "kubernetes.io/tls"
     assert copy["metadata"]["labels"]["velero.io/exclude-from-backup"] == "true"
-    assert _secret_text(ns, "mail-renewed", "tls.crt").strip() == old.cert_pem.strip()
+    assert _secret_text(ns, "mail-registered", "tls.crt").strip() == old.cert_pem.strip()
     assert _renewal(ns)["thumbprint"] == old.thumbprint_sha1
 
     # cert-manager renews (rotationPolicy: Always): a new key and certificate, not registered on the app.
@@ -413,7 +413,7 @@ def test_certificate_renewal_registers_the_new_certificate_surviving_a_sigkill_a
     assert dev.graph.requests["addKey"] >= 1
     assert state["thumbprint"] == new.thumbprint_sha1
     assert state["oldThumbprint"] == old.thumbprint_sha1
-    assert _secret_text(ns, "mail-renewed", "tls.crt").strip() == new.cert_pem.strip()
+    assert _secret_text(ns, "mail-registered", "tls.crt").strip() == new.cert_pem.strip()
     obj = ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested")
     assert obj["status"]["clientCertificate"]["thumbprintSHA256"] == new.thumbprint_sha256
     renewal = ns.condition(obj, "Renewal")

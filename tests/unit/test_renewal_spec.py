@@ -95,6 +95,8 @@ def test_owned_secret_name_fits() -> None:
     assert len(long) <= 253
     assert long.endswith("-renewed")
     assert long != owned_secret_name("a" * 252 + "b")
+    assert owned_secret_name("mail", suffix="registered") == "mail-registered"
+    assert len(owned_secret_name("a" * 253, suffix="registered")) <= 253
 
 
 def test_the_renewal_condition_names_a_failing_step_and_clears_once_it_passes() -> None:

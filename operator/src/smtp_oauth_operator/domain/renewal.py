@@ -3,7 +3,7 @@
 The operator, the relay and the connection test must all agree on it, so it is decided here from
 ``spec`` and ``status.renewal`` alone. A client secret: before the first switch the spec's own Secret,
 after it the operator's Secret (``{name}-renewed``), during a later renewal the renewed Secret still in
-use. A certificate: the operator's copy of the registered pair (``{name}-renewed``) as soon as it exists;
+use. A certificate: the operator's copy of the registered pair (``{name}-registered``) as soon as it exists;
 the referenced Secret is where cert-manager puts the next one.
 """
 
@@ -35,15 +35,17 @@ CERTIFICATE = "ClientCertificate"
 SWITCHED = frozenset({"Active", "Removing", "Done"})
 
 
-def owned_secret_name(resource: str, *, other_than: str | None = None) -> str:
+def owned_secret_name(resource: str, *, other_than: str | None = None, suffix: str = "renewed") -> str:
     """``{name}-renewed``, or ``{name}-renewed-b`` when the first one holds the secret in use (a second
-    renewal must not overwrite the value the resource still authenticates with)."""
+    renewal must not overwrite the value the resource still authenticates with). A certificate's copy is
+    ``{name}-registered`` (a kubernetes.io/tls Secret: a Secret's type cannot change, so it never shares a
+    name with an Opaque one from an earlier client-secret renewal)."""
     base = (
         resource
         if len(resource) <= 236
         else f"{resource[:227]}-{hashlib.sha256(resource.encode()).hexdigest()[:8]}"
     )
-    name = f"{base}-renewed"
+    name = f"{base}-{suffix}"
     return f"{name}-b" if name == other_than else name
 
 

@@ -21,7 +21,7 @@ Certificate renewal (``clientCertificate.renewal``) follows cert-manager instead
 and needs no Graph write permission: an app may roll its own keys (``addKey``/``removeKey``) with a proof
 of possession signed by a certificate it already has. Since cert-manager overwrites the referenced Secret
 (and, with ``rotationPolicy: Always``, the private key), the operator first copies the registered pair into
-a Secret it owns (``{name}-renewed``, type kubernetes.io/tls) and authenticates with that copy
+a Secret it owns (``{name}-registered``, type kubernetes.io/tls) and authenticates with that copy
 (domain/renewal.py). Then:
 
 ``Done``      each pass compares the referenced Secret's certificate with the registered one; a new one →
@@ -376,7 +376,7 @@ class Renewer:
         cert = inputs.certificate
         if cert is None or len(found.in_use) != 1:
             return Step()  # not identified in Graph: nothing registered to keep
-        name = owned_secret_name(str(meta.get("name")))
+        name = owned_secret_name(str(meta.get("name")), suffix="registered")
         await self._store_pair(body, name, cert)
         state = {
             "kind": CERTIFICATE,
