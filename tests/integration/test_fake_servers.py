@@ -9,6 +9,7 @@ Exchange Online (protocol-facts.md).
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import os
@@ -19,7 +20,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import pytest
 import requests
 from cryptography import x509
 
+from smtp_oauth_operator.clients.smtp import hang_up
 from smtp_oauth_operator.testing.devservers import DevServers
 from smtp_oauth_operator.testing.idp import EXCHANGE_APP_ID, EXCHANGE_RESOURCE, FakeEntraID
 from smtp_oauth_operator.testing.peers import (
@@ -415,6 +417,18 @@ def test_proxy_authentication_and_refusal(idp: FakeEntraID, http: Http) -> None:
 # --------------------------------------------------------------------------- FakeExchange
 
 
+@contextlib.asynccontextmanager
+async def connected(client: aiosmtplib.SMTP) -> AsyncIterator[aiosmtplib.SMTP]:
+    """Connected, then hung up as the operator does (clients/smtp.hang_up). aiosmtplib's own ``async with``
+    closes a TLS transport with close(), whose TLS shutdown can outlive the test's event loop and leave the
+    socket to a ResourceWarning in some later test (seen in CI)."""
+    await client.connect()
+    try:
+        yield client
+    finally:
+        await hang_up(client)
+
+
 def smtp_client(server: FakeExchange, ca: CertificateAuthority, **kwargs: Any) -> aiosmtplib.SMTP:
     options: dict[str, Any] = {"start_tls": True, "tls_context": ca.client_context(), "timeout": 5}
     options.update(kwargs)
@@ -443,7 +457,7 @@ async def test_session_looks_like_exchange_online(exchange: FakeExchange, ca: Ce
         assert client.esmtp_extensions["auth"] == "LOGIN XOAUTH2"
         assert client.server_auth_methods == ["login", "xoauth2"]
     finally:
-        await client.quit()
+        await hang_up(client)
 
 
 async def test_xoauth2_success_with_a_real_sized_token(
@@ -452,7 +466,7 @@ async def test_xoauth2_success_with_a_real_sized_token(
     token = get_token(idp, http)
     assert len(base64.b64encode(f"user={MAILBOX}\x01auth=Bearer {token}\x01\x01".encode())) > 2000
     exchange.grant(MAILBOX, CLIENT)
-    async with smtp_client(exchange, ca) as client:
+    async with connected(smtp_client(exchange, ca)) as client:
         reply = await client.auth_xoauth2(MAILBOX, token)
         assert (reply.code, reply.message) == (235, "2.7.0 Authentication successful")
         errors, final = await client.sendmail(MAILBOX, ["ops@example.net"], message(MAILBOX))
@@ -479,7 +493,7 @@ async def test_two_step_xoauth2_form(
     token = get_token(idp, http)
     exchange.grant(MAILBOX, CLIENT)
     blob = base64.b64encode(f"user={MAILBOX}\x01auth=Bearer {token}\x01\x01".encode())
-    async with smtp_client(exchange, ca) as client:
+    async with connected(smtp_client(exchange, ca)) as client:
         await client.ehlo()
         reply = await client.execute_command(b"AUTH", b"XOAUTH2")
         assert (reply.code, reply.message) == (334, "")
@@ -492,7 +506,7 @@ async def test_no_mailbox_permission_is_a_direct_535_5_7_3(
 ) -> None:
     token = get_token(idp, http)
     blob = base64.b64encode(f"user={MAILBOX}\x01auth=Bearer {token}\x01\x01".encode())
-    async with smtp_client(exchange, ca) as client:
+    async with connected(smtp_client(exchange, ca)) as client:
         await client.ehlo()
         reply = await client.execute_command(b"AUTH", b"XOAUTH2", blob)
         assert reply.code == 535  # no 334 challenge first, unlike Gmail
@@ -522,7 +536,7 @@ async def test_rejected_tokens_get_535_5_7_3(
     else:
         token = get_token(idp, http)
         idp.expire_tokens()
-    async with smtp_client(exchange, ca) as client:
+    async with connected(smtp_client(exchange, ca)) as client:
         await client.ehlo()
         if problem == "garbage":
             reply = await client.execute_command(b"AUTH", b"XOAUTH2", base64.b64encode(b"hello"))
@@ -540,7 +554,7 @@ async def test_google_style_challenge(
     token = get_token(idp, http)
     with FakeExchange(idp, cert=cert, challenge_style="google") as server:
         blob = base64.b64encode(f"user={MAILBOX}\x01auth=Bearer {token}\x01\x01".encode())
-        async with smtp_client(server, ca) as client:
+        async with connected(smtp_client(server, ca)) as client:
             await client.ehlo()
             reply = await client.execute_command(b"AUTH", b"XOAUTH2", blob)
             assert reply.code == 334
@@ -578,7 +592,7 @@ async def test_smtp_auth_disabled_replies_5_7_139(
     token = get_token(idp, http)
     with FakeExchange(idp, cert=cert, auth_disabled=scope) as server:
         server.grant(MAILBOX, CLIENT)
-        async with smtp_client(server, ca) as client:
+        async with connected(smtp_client(server, ca)) as client:
             with pytest.raises(aiosmtplib.SMTPAuthenticationError) as failure:
                 await client.auth_xoauth2(MAILBOX, token)
     assert failure.value.code == 535
@@ -591,17 +605,17 @@ async def test_mailbox_setting_overrides_the_tenant(
     token = get_token(idp, http)
     exchange.grant(MAILBOX, CLIENT)
     exchange.set_mailbox_smtp_auth(MAILBOX, disabled=True)
-    async with smtp_client(exchange, ca) as client:
+    async with connected(smtp_client(exchange, ca)) as client:
         with pytest.raises(aiosmtplib.SMTPAuthenticationError, match="disabled for the Mailbox"):
             await client.auth_xoauth2(MAILBOX, token)
     exchange.auth_disabled = "tenant"
     exchange.set_mailbox_smtp_auth(MAILBOX, disabled=False)
-    async with smtp_client(exchange, ca) as client:
+    async with connected(smtp_client(exchange, ca)) as client:
         assert (await client.auth_xoauth2(MAILBOX, token)).code == 235
 
 
 async def test_mail_without_auth_is_530_5_7_57(exchange: FakeExchange, ca: CertificateAuthority) -> None:
-    async with smtp_client(exchange, ca) as client:
+    async with connected(smtp_client(exchange, ca)) as client:
         with pytest.raises(aiosmtplib.SMTPSenderRefused) as failure:
             await client.sendmail(MAILBOX, ["ops@example.net"], message(MAILBOX))
     assert failure.value.code == 530
@@ -614,7 +628,7 @@ async def test_sending_as_someone_else_is_554_send_as_denied(
     token = get_token(idp, http)
     exchange.grant(MAILBOX, CLIENT)
     other = "ceo@fabrikam.com"
-    async with smtp_client(exchange, ca) as client:
+    async with connected(smtp_client(exchange, ca)) as client:
         await client.auth_xoauth2(MAILBOX, token)
         with pytest.raises(aiosmtplib.SMTPDataError) as failure:
             await client.sendmail(other, ["ops@example.net"], message(other))
@@ -632,7 +646,7 @@ async def test_sending_as_someone_else_is_554_send_as_denied(
 
 
 async def test_basic_auth_is_refused(exchange: FakeExchange, ca: CertificateAuthority) -> None:
-    async with smtp_client(exchange, ca) as client:
+    async with connected(smtp_client(exchange, ca)) as client:
         await client.ehlo()
         with pytest.raises(aiosmtplib.SMTPAuthenticationError) as failure:
             await client.auth_login(MAILBOX, "password")
@@ -643,7 +657,7 @@ async def test_basic_auth_is_refused(exchange: FakeExchange, ca: CertificateAuth
 
 
 async def test_auth_before_starttls_is_refused(exchange: FakeExchange, ca: CertificateAuthority) -> None:
-    async with smtp_client(exchange, ca, start_tls=False) as client:
+    async with connected(smtp_client(exchange, ca, start_tls=False)) as client:
         await client.ehlo()
         reply = await client.execute_command(b"AUTH", b"XOAUTH2", base64.b64encode(b"x"))
         assert reply.code == 538
@@ -655,7 +669,7 @@ async def test_implicit_tls_mode(
     token = get_token(idp, http)
     with FakeExchange(idp, cert=cert, implicit_tls=True) as server:
         server.grant(MAILBOX, CLIENT)
-        async with smtp_client(server, ca, start_tls=False, use_tls=True) as client:
+        async with connected(smtp_client(server, ca, start_tls=False, use_tls=True)) as client:
             await client.ehlo()
             assert not client.supports_extension("starttls")
             assert client.supports_extension("auth")
@@ -667,9 +681,9 @@ async def test_plaintext_only_server(idp: FakeEntraID, ca: CertificateAuthority)
         client = smtp_client(server, ca)
         with pytest.raises(aiosmtplib.SMTPException, match="STARTTLS"):
             await client.connect()
-        client.close()
+        await hang_up(client)
     with FakeExchange(idp, offer_starttls=False, allow_plaintext_auth=True) as server:
-        async with smtp_client(server, ca, start_tls=False) as client:
+        async with connected(smtp_client(server, ca, start_tls=False)) as client:
             await client.ehlo()
             assert not client.supports_extension("starttls")
             assert client.server_auth_methods == ["login", "xoauth2"]
@@ -680,7 +694,7 @@ async def test_without_xoauth2(
 ) -> None:
     token = get_token(idp, http)
     with FakeExchange(idp, cert=cert, offer_xoauth2=False) as server:
-        async with smtp_client(server, ca) as client:
+        async with connected(smtp_client(server, ca)) as client:
             await client.ehlo()
             assert client.server_auth_methods == ["login"]
             with pytest.raises(aiosmtplib.SMTPAuthenticationError) as failure:
@@ -693,7 +707,7 @@ async def test_untrusted_certificate_on_starttls(exchange: FakeExchange) -> None
     client = smtp_client(exchange, stranger)
     with pytest.raises(ssl.SSLCertVerificationError):
         await client.connect()
-    client.close()
+    await hang_up(client)
     assert exchange.connections == 1
 
 
@@ -714,7 +728,7 @@ async def test_smtp_through_connect_proxy(
         client = aiosmtplib.SMTP(
             hostname="127.0.0.1", sock=sock, start_tls=True, tls_context=ca.client_context(), timeout=5
         )
-        async with client:
+        async with connected(client):
             assert (await client.auth_xoauth2(MAILBOX, token)).code == 235
         assert proxy.tunnels == 1
         assert proxy.targets == [f"127.0.0.1:{exchange.port}"]
@@ -731,7 +745,7 @@ async def test_starts_fast_and_stops_clean(
     server.stop()  # with a client still connected
     with pytest.raises(aiosmtplib.SMTPServerDisconnected):
         await client.ehlo()
-    client.close()
+    await hang_up(client)
 
 
 # --------------------------------------------------------------------------- misbehaving peers
@@ -742,7 +756,7 @@ async def test_silent_server_times_out_smtp_and_https() -> None:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=silent.port, timeout=0.3)
         with pytest.raises(aiosmtplib.SMTPTimeoutError):
             await client.connect()
-        client.close()
+        await hang_up(client)
         with requests.Session() as session:
             session.trust_env = False
             with pytest.raises(requests.exceptions.ReadTimeout):
@@ -767,7 +781,7 @@ async def test_garbage_after_a_proper_greeting() -> None:
         assert greeting.code == 220
         with pytest.raises(aiosmtplib.SMTPException):
             await client.ehlo()
-        client.close()
+        await hang_up(client)
         assert garbage.received[0].startswith(b"EHLO ")
 
 
@@ -776,7 +790,7 @@ async def test_garbage_greeting() -> None:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=garbage.port, timeout=2)
         with pytest.raises(aiosmtplib.SMTPException):
             await client.connect()
-        client.close()
+        await hang_up(client)
 
 
 async def test_scripted_replies() -> None:
@@ -789,14 +803,14 @@ async def test_scripted_replies() -> None:
         with pytest.raises(aiosmtplib.SMTPResponseException) as failure:
             await client.noop()
         assert failure.value.code == 421
-        client.close()
+        await hang_up(client)
 
 
 async def test_closed_port_refuses() -> None:
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=closed_port(), timeout=2)
     with pytest.raises(aiosmtplib.SMTPConnectError):
         await client.connect()
-    client.close()
+    await hang_up(client)
 
 
 # --------------------------------------------------------------------------- dev servers

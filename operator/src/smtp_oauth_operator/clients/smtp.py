@@ -40,6 +40,7 @@ __all__ = [
     "SubmitFailed",
     "Upstream",
     "authenticate",
+    "hang_up",
     "open_upstream",
     "send_on",
     "tls_context",
@@ -309,10 +310,10 @@ async def authenticate(
     except aiosmtplib.SMTPException as exc:
         raise CheckFailed(Reason.UNEXPECTED_RESPONSE, f"{where}: {quote_reply(str(exc), secrets)}") from None
     finally:
-        await _hang_up(smtp)
+        await hang_up(smtp)
 
 
-async def _hang_up(smtp: aiosmtplib.SMTP) -> None:
+async def hang_up(smtp: aiosmtplib.SMTP) -> None:
     """QUIT if the server still listens, then abort the transport.
 
     aiosmtplib closes a TLS transport after QUIT with close(), which starts a TLS shutdown waiting for
@@ -403,7 +404,7 @@ class Upstream:
     messages: int = 0
 
     async def close(self) -> None:
-        await _hang_up(self.smtp)
+        await hang_up(self.smtp)
 
 
 async def open_upstream(target: SmtpTarget, username: str, token: str, *, now: float) -> Upstream:
@@ -452,10 +453,10 @@ async def open_upstream(target: SmtpTarget, username: str, token: str, *, now: f
                 auth_rejected=exc.code == 535,
             ) from None
     except SubmitFailed:
-        await _hang_up(smtp)
+        await hang_up(smtp)
         raise
     except BaseException as exc:
-        await _hang_up(smtp)
+        await hang_up(smtp)
         if isinstance(exc, Exception):
             raise _submit_failure(exc, secrets, where) from None
         raise

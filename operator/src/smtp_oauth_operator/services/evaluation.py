@@ -30,7 +30,7 @@ from smtp_oauth_operator.domain.spec import (
     parse_time,
     recheck_token,
 )
-from smtp_oauth_operator.domain.status import ConnectionTestResult, Decision, Observation, decide
+from smtp_oauth_operator.domain.status import ConnectionTestResult, Decision, Event, Observation, decide
 from smtp_oauth_operator.services.connection import Inputs, ObjectSource, resolve, run
 from smtp_oauth_operator.services.discovery import GraphDiscovery
 from smtp_oauth_operator.services.renewal import Renewer, Step
@@ -216,12 +216,25 @@ async def evaluate(
         return Pass(decide(status, observation), None, None, record, None)
 
     # Once a renewal has switched, the credential is the operator's own Secret (services/renewal.py).
-    spec = renewed_spec(spec, state_of(body))
-    secret_name = f"{namespace}/{spec.credential_secret or '-'}"
+    renewal_state = state_of(body)
+    referenced, spec = spec, renewed_spec(spec, renewal_state)
     inputs: Inputs | None = None
     record = None
+    events: list[Event] = []
+    copy_lost = False
     try:
-        inputs = await resolve(spec, namespace, generation, source)
+        try:
+            inputs = await resolve(spec, namespace, generation, source)
+        except CheckFailed as exc:
+            if spec is referenced or exc.reason is not Reason.CERTIFICATE_NOT_FOUND:
+                raise
+            # The operator's copy of the registered certificate was deleted: back to the referenced Secret,
+            # and the renewal starts again from copying it (a new certificate there cannot be registered).
+            events.append(
+                Event("Warning", "RenewalCopyLost", f"{exc.message}; using the referenced Secret again.")
+            )
+            renewal_state, spec, copy_lost = None, referenced, True
+            inputs = await resolve(spec, namespace, generation, source)
     except CheckFailed as exc:
         fingerprint = f"unresolved:{generation}:{exc.reason}"
         if (
@@ -230,6 +243,7 @@ async def evaluate(
             or status.get("handledRecheck") != recheck
         ):
             record = ConnectionTestResult(exc, now, 0.0, fingerprint=fingerprint)
+    secret_name = f"{namespace}/{spec.credential_secret or '-'}"
 
     due_at: datetime | None = None
     if inputs is not None:
@@ -295,7 +309,9 @@ async def evaluate(
         )
     step = Step()
     if renewer is not None and inputs is not None and spec.renews:
-        step = await renewer.advance(body, spec, inputs, tokens, discovered, source, now=now)
+        step = await renewer.advance(
+            body, spec, inputs, tokens, discovered, source, now=now, recorded=renewal_state
+        )
     observation = Observation(
         generation=generation,
         now=now,
@@ -315,10 +331,10 @@ async def evaluate(
         typed_expires_at=typed if spec.credential_kind == "ClientSecret" else None,
         relay_endpoint=_relay_endpoint(spec, relay_endpoint),
         renewal_enabled=spec.renews,
-        renewal=step.state,
+        renewal=step.state if step.state is not None else ({} if copy_lost else None),
     )
     decision = decide(status, observation)
-    decision.events.extend(step.events)
+    decision.events.extend([*events, *step.events])
     retry = discovered.retry_at if discovered else None
     step_due = step.next_due
     next_due = min((t for t in (due_at, expiry.next_change, retry, step_due) if t is not None), default=None)

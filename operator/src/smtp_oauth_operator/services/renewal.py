@@ -118,18 +118,21 @@ class Renewer:
         source: ObjectSource,
         *,
         now: datetime,
+        recorded: Mapping[str, Any] | None,
     ) -> Step:
+        """One step for the resource whose ``status.renewal`` is ``recorded``."""
         if discovered is None:
             return Step()
         if spec.client_certificate is not None and spec.client_certificate.renewal_grace is not None:
-            return await self._advance_certificate(body, spec, inputs, tokens, discovered, source, now)
+            return await self._advance_certificate(
+                body, spec, inputs, tokens, discovered, source, now, recorded
+            )
         renewal = spec.renewal
         if renewal is None:
             return Step()
         meta = body.get("metadata") or {}
-        state: dict[str, Any] = dict((body.get("status") or {}).get("renewal") or {})
-        if state.get("kind", SECRET) != SECRET:
-            state = {}  # the resource moved from a certificate to a client secret
+        # A certificate's record is not a client secret's (the resource moved from one to the other).
+        state: dict[str, Any] = dict(recorded or {}) if (recorded or {}).get("kind", SECRET) == SECRET else {}
         phase = state.get("phase")
         try:
             if phase in (None, "Done"):
@@ -331,13 +334,12 @@ class Renewer:
         found: Discovery,
         source: ObjectSource,
         now: datetime,
+        recorded: Mapping[str, Any] | None,
     ) -> Step:
         """``spec`` is the one in use (the operator's copy, once made); the referenced Secret is the
         original spec's."""
         meta = body.get("metadata") or {}
-        state: dict[str, Any] = dict((body.get("status") or {}).get("renewal") or {})
-        if state.get("kind") != CERTIFICATE:
-            state = {}
+        state: dict[str, Any] = dict(recorded or {}) if (recorded or {}).get("kind") == CERTIFICATE else {}
         phase = state.get("phase")
         try:
             original = parse_spec(body.get("spec"))
