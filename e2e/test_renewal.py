@@ -465,3 +465,21 @@ def test_a_refused_addkey_is_named_ready_stays_and_the_renewal_resumes(
     assert renewal is not None
     assert renewal["reason"] == "Renewed"
     _no_leak(dev, ns, operator, "mail")
+
+
+def test_a_deleted_certificate_copy_is_made_again_and_ready_stays(
+    ns: Namespace, dev: Dev, operator: OperatorProcess
+) -> None:
+    _app, old = _certificate_config(ns, dev, grace="2s")
+    ns.kubectl("delete", "secret", "mail-registered")
+    wait_until(lambda: ns.count_events("mail", "RenewalCopyLost") == 1, timeout=30, what="RenewalCopyLost")
+    wait_until(
+        lambda: _renewal(ns).get("phase") == "Done" and _secret_text(ns, "mail-registered", "tls.crt") != "",
+        timeout=30,
+        what="the copy to be made again",
+    )
+    assert _secret_text(ns, "mail-registered", "tls.crt").strip() == old.cert_pem.strip()
+    ns.wait_for_condition("mail", "Ready", "True", "ConnectionTested")
+    assert "ConnectionTestFailed" not in ns.event_reasons("mail")
+    assert ns.count_events("mail", "RenewalCopyLost") == 1
+    assert ns.count_events("mail", "RenewalPrepared") == 2
