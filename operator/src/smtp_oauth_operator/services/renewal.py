@@ -249,8 +249,7 @@ class Renewer:
             self.discovery.forget(spec)
         else:
             key_id = str(adopted["keyId"])
-        new_state = {**state, "phase": "Testing", "newKeyId": key_id}
-        new_state.pop("lastFailure", None)
+        new_state = _moved(state, "Testing", newKeyId=key_id)
         events.append(
             Event(
                 "Normal",
@@ -279,13 +278,12 @@ class Renewer:
         if result.failure is not None:
             raise result.failure
         remove_after = now + spec.renewal.grace_period
-        new_state = {
-            **state,
-            "phase": "Active",
-            "switchedAt": timestamp(now),
-            "removeAfter": timestamp(remove_after),
-        }
-        new_state.pop("lastFailure", None)
+        new_state = _moved(
+            state,
+            "Active",
+            switchedAt=timestamp(now),
+            removeAfter=timestamp(remove_after),
+        )
         message = (
             f"The new client secret (keyId {state.get('newKeyId')}) passed the connection test; the resource now "
             f"uses Secret {namespace}/{state.get('secretName')}. The old one (keyId {state.get('oldKeyId')}) is "
@@ -317,8 +315,7 @@ class Renewer:
             else:
                 await remove_password(graph, old)
             self.discovery.forget(spec)
-        new_state = {**state, "phase": "Done", "removedAt": timestamp(now)}
-        new_state.pop("lastFailure", None)
+        new_state = _moved(state, "Done", removedAt=timestamp(now))
         noun = "certificate" if certificate else "client secret"
         message = f"Removed the old {noun} (keyId {old}) after the grace period; renewal done."
         return Step(new_state, [Event("Normal", "RenewalOldCredentialRemoved", message)])
@@ -472,8 +469,7 @@ class Renewer:
                 raise CheckFailed(Reason.GRAPH_UNAVAILABLE, "Microsoft Graph's addKey answer had no keyId")
             self.discovery.forget(spec)
             what = f"Registered the new certificate on app {spec.client_id} as keyId {key_id}"
-        new_state = {**state, "phase": "Testing", "newKeyId": key_id}
-        new_state.pop("lastFailure", None)
+        new_state = _moved(state, "Testing", newKeyId=key_id)
         events.append(
             Event(
                 "Normal",
@@ -507,15 +503,14 @@ class Renewer:
         name = str(state.get("secretName"))
         await self._store_pair(body, name, cert)
         remove_after = now + (_grace(original) or timedelta(0))
-        new_state = {
-            **state,
-            "phase": "Active",
-            "thumbprint": cert.thumbprint_sha1,
-            "keyId": state.get("newKeyId"),
-            "switchedAt": timestamp(now),
-            "removeAfter": timestamp(remove_after),
-        }
-        new_state.pop("lastFailure", None)
+        new_state = _moved(
+            state,
+            "Active",
+            thumbprint=cert.thumbprint_sha1,
+            keyId=state.get("newKeyId"),
+            switchedAt=timestamp(now),
+            removeAfter=timestamp(remove_after),
+        )
         message = (
             f"The new certificate (SHA-1 {cert.thumbprint_sha1}, keyId {state.get('newKeyId')}) passed the "
             f"connection test; Secret {namespace}/{name} now holds it. The old one (keyId {state.get('oldKeyId')}) "
@@ -669,3 +664,10 @@ def _after_grace(state: dict[str, Any], now: datetime) -> Step:
     if now < remove_after:
         return Step(next_due=remove_after)
     return Step({**state, "phase": "Removing"}, next_due=now + NEXT_STEP)
+
+
+def _moved(state: dict[str, Any], phase: str, **changes: Any) -> dict[str, Any]:
+    """The record after a step succeeded: the next phase, the step's facts, no ``lastFailure``."""
+    moved = {**state, "phase": phase, **changes}
+    moved.pop("lastFailure", None)
+    return moved
